@@ -1,0 +1,176 @@
+"""Every metric tokenbooth exports, declared once.
+
+Metric names and labels are a public interface (PRODUCT.md): dashboards, alert rules and
+``docs/metrics.md`` are all checked against this module. ``python -m tokenbooth.catalog``
+prints the generated documentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["CATALOG", "DURATION_BUCKETS", "MetricSpec", "Metrics", "render_markdown"]
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+# LLM calls take from tens of milliseconds to several minutes; client_python's default
+# buckets stop at 10 s, which would put every long generation into +Inf.
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 30, 60)
+PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
+SESSION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+STEP_COUNT_BUCKETS = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89)
+TOOL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: its full name (with ``_total`` for counters), type, help, labels, buckets."""
+
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None
+
+
+def _spec(
+    name: str, kind: Kind, help: str, labels: str = "", buckets: tuple[float, ...] | None = None
+) -> MetricSpec:
+    return MetricSpec(name, kind, help, tuple(labels.split()) if labels else (), buckets)
+
+
+CATALOG: tuple[MetricSpec, ...] = (
+    _spec("tokenbooth_requests_total", "counter", "LLM API calls by outcome and error type.",
+          "provider model operation outcome error_type"),
+    _spec("tokenbooth_request_duration_seconds", "histogram",
+          "Whole-call latency, from arrival to the last byte (streams included).",
+          "provider model operation outcome", DURATION_BUCKETS),
+    _spec("tokenbooth_time_to_first_token_seconds", "histogram",
+          "Time from the request's arrival to the first content chunk of a streamed call.",
+          "provider model operation", TTFT_BUCKETS),
+    _spec("tokenbooth_time_per_output_token_seconds", "histogram",
+          "Time between output tokens of a streamed call, first to last chunk.",
+          "provider model", PER_TOKEN_BUCKETS),
+    _spec("tokenbooth_tokens_total", "counter",
+          "Tokens by type; input and output are totals that include their cached and reasoning parts.",
+          "provider model operation type"),
+    _spec("tokenbooth_cost_usd_total", "counter", "Cost of priced calls in US dollars.", "provider model"),
+    _spec("tokenbooth_unpriced_requests_total", "counter",
+          "Calls with usage but no known price (their cost is not counted as zero).", "provider model"),
+    _spec("tokenbooth_in_flight_requests", "gauge", "Calls started and not yet finished.", "provider model"),
+    _spec("tokenbooth_upstream_retries_total", "counter", "Retries sent to an upstream, by reason.",
+          "upstream reason"),
+    _spec("tokenbooth_fallbacks_total", "counter", "Calls moved from one upstream to the next in a chain.",
+          "from_upstream to_upstream reason"),
+    _spec("tokenbooth_circuit_state", "gauge", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+          "upstream"),
+    _spec("tokenbooth_token_estimate_mismatch_total", "counter",
+          "Calls whose local token estimate differed from the reported usage beyond the threshold.",
+          "provider model"),
+    _spec("tokenbooth_ledger_rows_total", "counter",
+          "Ledger rows by result: written, or failed (kept for retry or spilled to a file).", "result"),
+    _spec("tokenbooth_ledger_queue_depth", "gauge", "Ledger rows waiting to be written."),
+    _spec("tokenbooth_agent_sessions_active", "gauge", "Agent sessions in progress.", "agent"),
+    _spec("tokenbooth_agent_session_duration_seconds", "histogram", "Duration of finished agent sessions.",
+          "agent outcome", SESSION_BUCKETS),
+    _spec("tokenbooth_agent_session_steps", "histogram", "Steps taken by finished agent sessions.",
+          "agent", STEP_COUNT_BUCKETS),
+    _spec("tokenbooth_agent_step_duration_seconds", "histogram", "Duration of agent steps by type.",
+          "agent step_type", DURATION_BUCKETS),
+    _spec("tokenbooth_tool_calls_total", "counter", "Tool calls by tool and status (success, error, timeout).",
+          "tool status"),
+    _spec("tokenbooth_tool_duration_seconds", "histogram", "Duration of tool calls.", "tool", TOOL_BUCKETS),
+)
+
+_BY_NAME = {spec.name: spec for spec in CATALOG}
+
+
+class Metrics:
+    """The catalog's metrics, registered on one registry.
+
+    Attributes are named after the metric without the ``tokenbooth_`` prefix and the
+    ``_total`` suffix, e.g. ``metrics.requests`` for ``tokenbooth_requests_total``.
+    """
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        made: dict[str, Counter | Gauge | Histogram] = {}
+        for spec in CATALOG:
+            base = spec.name.removeprefix("tokenbooth_")
+            if spec.kind == "counter":
+                # client_python appends _total itself.
+                base = base.removesuffix("_total")
+                made[base] = Counter(spec.name.removesuffix("_total"), spec.help, spec.labels,
+                                     registry=registry)
+            elif spec.kind == "gauge":
+                made[base] = Gauge(spec.name, spec.help, spec.labels, registry=registry)
+            else:
+                made[base] = Histogram(spec.name, spec.help, spec.labels, registry=registry,
+                                       buckets=spec.buckets or DURATION_BUCKETS)
+        self.requests: Counter = made["requests"]  # type: ignore[assignment]
+        self.request_duration: Histogram = made["request_duration_seconds"]  # type: ignore[assignment]
+        self.ttft: Histogram = made["time_to_first_token_seconds"]  # type: ignore[assignment]
+        self.time_per_output_token: Histogram = made["time_per_output_token_seconds"]  # type: ignore[assignment]
+        self.tokens: Counter = made["tokens"]  # type: ignore[assignment]
+        self.cost_usd: Counter = made["cost_usd"]  # type: ignore[assignment]
+        self.unpriced: Counter = made["unpriced_requests"]  # type: ignore[assignment]
+        self.in_flight: Gauge = made["in_flight_requests"]  # type: ignore[assignment]
+        self.retries: Counter = made["upstream_retries"]  # type: ignore[assignment]
+        self.fallbacks: Counter = made["fallbacks"]  # type: ignore[assignment]
+        self.circuit_state: Gauge = made["circuit_state"]  # type: ignore[assignment]
+        self.estimate_mismatch: Counter = made["token_estimate_mismatch"]  # type: ignore[assignment]
+        self.ledger_rows: Counter = made["ledger_rows"]  # type: ignore[assignment]
+        self.ledger_queue_depth: Gauge = made["ledger_queue_depth"]  # type: ignore[assignment]
+        self.agent_sessions_active: Gauge = made["agent_sessions_active"]  # type: ignore[assignment]
+        self.agent_session_duration: Histogram = made["agent_session_duration_seconds"]  # type: ignore[assignment]
+        self.agent_session_steps: Histogram = made["agent_session_steps"]  # type: ignore[assignment]
+        self.agent_step_duration: Histogram = made["agent_step_duration_seconds"]  # type: ignore[assignment]
+        self.tool_calls: Counter = made["tool_calls"]  # type: ignore[assignment]
+        self.tool_duration: Histogram = made["tool_duration_seconds"]  # type: ignore[assignment]
+
+
+def spec(name: str) -> MetricSpec:
+    """The spec of one metric by its exported name."""
+    return _BY_NAME[name]
+
+
+def render_markdown() -> str:
+    """The metric reference, generated from the catalog (``docs/metrics.md``)."""
+    lines = [
+        "# Metrics",
+        "",
+        "Generated from `tokenbooth/catalog.py` by `python -m tokenbooth.catalog`; do not edit by hand.",
+        "Names and labels are a public interface: changing one is a breaking change.",
+        "",
+        "| metric | type | labels | help |",
+        "|---|---|---|---|",
+    ]
+    for s in CATALOG:
+        labels = ", ".join(s.labels) if s.labels else "—"
+        lines.append(f"| `{s.name}` | {s.kind} | {labels} | {s.help} |")
+    lines += ["", "## Histogram buckets (seconds, or steps)", ""]
+    for s in CATALOG:
+        if s.buckets:
+            lines.append(f"- `{s.name}`: {', '.join(f'{b:g}' for b in s.buckets)}")
+    lines += [
+        "",
+        "## Label values",
+        "",
+        "- `outcome`: success, error, cancelled.",
+        "- `error_type`: \"\" on success; rate_limited, auth, bad_request, context_length, server_error,",
+        "  timeout_connect, timeout_read, connection, cancelled, invalid_response.",
+        "- `operation`: chat, text_completion, embeddings.",
+        "- `type` (tokens): input, output, cached_input, cache_write, reasoning.",
+        "- `model`: the model the caller asked for when it is configured or known to the price data;",
+        "  anything else is folded to `other`, so a typo never creates a series.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(render_markdown(), end="")

@@ -1,0 +1,230 @@
+"""The ``tokenbooth`` command: parse, build the config, call. Errors are one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from tokenbooth.errors import ConfigError, TokenboothError, UsageError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _date(value: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a date; use YYYY-MM-DD") from None
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="tokenbooth", description="Metering, monitoring and cost control for LLM API calls.")
+    from tokenbooth import __version__
+
+    p.add_argument("--version", action="version", version=f"tokenbooth {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("serve", help="run the OpenAI-compatible metering gateway")
+    s.add_argument("--config", "-c", help="YAML config file (or TOKENBOOTH_CONFIG)")
+    s.add_argument("--upstream", help="send every model to this OpenAI-compatible base URL")
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    s.add_argument("--db", help="ledger database URL (default sqlite:///tokenbooth.db)")
+    s.add_argument("--price-file", help="YAML price file for relays and private models")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    m = sub.add_parser("simulate", help="run a simulated OpenAI-compatible upstream")
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, default=8000)
+    m.add_argument("--ttft-ms", type=float, default=0.0, help="median time to first token")
+    m.add_argument("--token-ms", type=float, default=0.0, help="median time per output token")
+    m.add_argument("--jitter", type=float, default=0.0, help="log-normal sigma applied to delays")
+    m.add_argument("--faults", default="", help="fault rates, e.g. 429=0.05,500=0.02,timeout=0.01")
+    m.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds on simulated 429s")
+    m.add_argument("--timeout-s", type=float, default=30.0, help="how long a timeout fault stalls")
+    m.add_argument("--seed", type=int)
+
+    d = sub.add_parser("demo", help="gateway + simulated upstream + traffic, on an embedded SQLite ledger")
+    d.add_argument("--duration", type=float, default=60.0, help="seconds to run (Ctrl-C ends it sooner)")
+    d.add_argument("--port", type=int, default=8080, help="gateway port")
+    d.add_argument("--db", default="sqlite:///tokenbooth-demo.db", help="ledger database URL")
+    d.add_argument("--concurrency", type=int, default=4, help="parallel simulated clients")
+
+    r = sub.add_parser("report", help="cost and usage from the ledger")
+    r.add_argument("--db", help="ledger database URL (default: the config's, or sqlite:///tokenbooth.db)")
+    r.add_argument("--config", "-c", help="YAML config file, for its ledger URL")
+    from tokenbooth.ledger.report import GROUPS
+
+    r.add_argument("--by", choices=GROUPS, default="model")
+    r.add_argument("--since", type=_date, help="first UTC day to include (YYYY-MM-DD)")
+    r.add_argument("--until", type=_date, help="first UTC day to leave out (YYYY-MM-DD)")
+    r.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    pr = sub.add_parser("prices", help="show the price that applies to a model and where it comes from")
+    pr.add_argument("model")
+    pr.add_argument("--provider", default="", help="provider, e.g. openai, anthropic, deepseek")
+    pr.add_argument("--upstream", default="", help="upstream name, for price-file entries bound to one")
+    pr.add_argument("--price-file", help="YAML price file")
+    pr.add_argument("--config", "-c", help="YAML config file, for its price file and FX rates")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from tokenbooth.config import load_settings, one_line_upstream
+
+    overrides: dict[str, Any] = {}
+    for name in ("host", "port", "log_level"):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
+    if getattr(args, "upstream", None):
+        overrides["upstreams"] = [one_line_upstream(args.upstream)]
+    if getattr(args, "db", None):
+        overrides["ledger"] = {"url": args.db}
+    if getattr(args, "price_file", None):
+        overrides["pricing"] = {"price_file": args.price_file}
+    return load_settings(getattr(args, "config", None), overrides)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from tokenbooth.gateway.app import build_gateway
+    from tokenbooth.gateway.server import GatewayServer, uvicorn_config
+    from tokenbooth.ledger.schema import safe_url
+
+    settings = _settings(args)
+    if not settings.upstreams:
+        raise ConfigError("No upstreams configured: pass --upstream URL, or a config file with 'upstreams'.")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    gateway = build_gateway(settings)
+    ups = ", ".join(f"{u.name} ({u.provider}) {u.base_url}" for u in settings.upstreams)
+    print(f"tokenbooth gateway on http://{settings.host}:{settings.port}/v1 -> {ups}", flush=True)
+    print(f"  ledger {safe_url(settings.ledger.url) if settings.ledger.enabled else 'off'}; "
+          f"metrics http://{settings.host}:{settings.port}/metrics", flush=True)
+    GatewayServer(uvicorn_config(gateway, settings)).run()
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from tokenbooth.simulate import SimConfig, Simulator, parse_faults
+
+    try:
+        faults = parse_faults(args.faults)
+    except ValueError as exc:
+        raise UsageError(f"--faults: {exc}") from None
+    config = SimConfig(ttft_ms=args.ttft_ms, token_ms=args.token_ms, jitter=args.jitter, faults=faults,
+                       retry_after=args.retry_after, timeout_s=args.timeout_s, seed=args.seed)
+
+    async def run() -> None:
+        sim = Simulator(config)
+        try:
+            port = await sim.start(args.host, args.port)
+        except OSError as exc:
+            raise ConfigError(f"Cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+        print(f"simulated upstream on http://{args.host}:{port}/v1", flush=True)
+        try:
+            await _wait_for_signal()
+        finally:
+            await sim.stop()
+
+    _run_async(run())
+
+
+async def _wait_for_signal() -> None:
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _run_async(coro: Any) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        asyncio.run(coro)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from tokenbooth.ledger.report import render, report
+    from tokenbooth.ledger.schema import connect
+
+    url = args.db or _settings(argparse.Namespace(config=args.config)).ledger.url
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise ConfigError(f"No ledger at '{path}': run the gateway first, or pass --db URL.")
+    engine = connect(url, create=False)
+    try:
+        rows = report(engine, args.by, args.since, args.until)
+    finally:
+        engine.dispose()
+    sys.stdout.write(render(rows, args.format, args.by))
+
+
+def _prices(args: argparse.Namespace) -> None:
+    from tokenbooth.pricing import PriceBook, load_price_file
+
+    settings = _settings(args)
+    fx = settings.pricing.fx
+    local = load_price_file(settings.pricing.price_file, fx) if settings.pricing.price_file else []
+    book = PriceBook(local, fx)
+    price = book.lookup(args.model, provider=args.provider, upstream=args.upstream)
+    if price is None:
+        raise ConfigError(
+            f"No price known for model '{args.model}'"
+            + (f" from provider '{args.provider}'" if args.provider else "")
+            + ": its calls will be counted as unpriced. Add it to a price file (--price-file)."
+        )
+    where = "price file " + str(settings.pricing.price_file) if price.source == "price-file" else \
+        f"genai-prices (provider {price.provider}, model {price.model})"
+    print(f"{args.model}: {where}")
+    print(f"  currency       {price.currency}" + (f"  (1 {price.currency} = {fx[price.currency]} USD)"
+                                                  if price.currency != "USD" else ""))
+    if price.effective:
+        print(f"  effective      {price.effective.isoformat()}")
+    if price.tiered is not None:
+        print("  note           rates rise with prompt length (tiered); base rates shown")
+    for label, value in (("input", price.input), ("output", price.output), ("cached input", price.cached_input),
+                         ("cache write", price.cache_write), ("reasoning", price.reasoning)):
+        print(f"  {label:<14} {value.normalize():f} per 1M tokens")
+    if price.per_request:
+        print(f"  per request    {price.per_request.normalize():f}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from tokenbooth.demo import run_demo
+
+    _run_async(run_demo(duration=args.duration, port=args.port, db=args.db, concurrency=args.concurrency))
+
+
+_COMMANDS = {"serve": _serve, "simulate": _simulate, "demo": _demo, "report": _report, "prices": _prices}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tokenbooth`` console script."""
+    try:
+        args = _parser().parse_args(argv)
+        _COMMANDS[args.command](args)
+    except TokenboothError as exc:
+        print(f"tokenbooth: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

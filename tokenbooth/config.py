@@ -1,0 +1,219 @@
+"""Settings, built once at start-up and validated.
+
+Precedence, lowest to highest: built-in defaults, the YAML file (``--config`` or
+``TOKENBOOTH_CONFIG``), ``TOKENBOOTH_*`` environment variables, command-line flags.
+
+Environment variables name a key path with ``__`` between levels, e.g.
+``TOKENBOOTH_LEDGER__URL=postgresql+psycopg://...`` or ``TOKENBOOTH_PORT=9000``;
+``TOKENBOOTH_UPSTREAM`` is the one-line form of ``--upstream``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tokenbooth.errors import ConfigError
+
+__all__ = ["LedgerConfig", "PricingConfig", "Settings", "UpstreamConfig", "load_settings"]
+
+ENV_PREFIX = "TOKENBOOTH_"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TimeoutConfig(_Model):
+    """Per-upstream timeouts in seconds. LLM calls are long, connections should be quick."""
+
+    connect: float = Field(10.0, gt=0)
+    read: float = Field(300.0, gt=0)  # the longest silence between bytes
+    total: float = Field(600.0, gt=0)
+
+
+class UpstreamConfig(_Model):
+    """One upstream API: where it is, what it speaks, which models it serves."""
+
+    name: str = Field(min_length=1)
+    base_url: str
+    provider: str = "openai"
+    api_key_env: str | None = None  # the name of the env var holding the key, never the key itself
+    models: tuple[str, ...] = ("*",)
+    timeout: TimeoutConfig = TimeoutConfig()
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    def api_key(self) -> str | None:
+        """The upstream key, read from the named environment variable at use."""
+        if not self.api_key_env:
+            return None
+        return os.environ.get(self.api_key_env) or None
+
+
+class LedgerConfig(_Model):
+    """Where call rows go and how they are batched."""
+
+    url: str = "sqlite:///tokenbooth.db"
+    batch_size: int = Field(500, ge=1, le=100_000)
+    flush_interval: float = Field(0.2, gt=0, le=60)  # seconds
+    enabled: bool = True
+
+
+class PricingConfig(_Model):
+    """Local prices and currency conversion."""
+
+    price_file: Path | None = None
+    # USD per one unit of each currency, e.g. {CNY: "0.138"}.
+    fx: dict[str, Decimal] = Field(default_factory=lambda: {"USD": Decimal(1), "CNY": Decimal("0.14")})
+
+    @field_validator("fx")
+    @classmethod
+    def _fx(cls, v: dict[str, Decimal]) -> dict[str, Decimal]:
+        out = {k.upper(): rate for k, rate in v.items()}
+        for k, rate in out.items():
+            if rate <= 0:
+                raise ValueError(f"rate for {k} must be positive")
+        out.setdefault("USD", Decimal(1))
+        return out
+
+
+class MetricsConfig(_Model):
+    """Label policy for metrics."""
+
+    extra_models: tuple[str, ...] = ()  # model names kept as labels besides configured and priced ones
+
+
+class Settings(_Model):
+    """The whole validated configuration."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    ledger: LedgerConfig = LedgerConfig()
+    pricing: PricingConfig = PricingConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    graceful_shutdown: float = Field(30.0, ge=0)  # seconds to drain in-flight calls on SIGTERM
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        names = [u.name for u in self.upstreams]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"upstream names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        nxt = target.get(key)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            target[key] = nxt
+        target = nxt
+    target[path[-1]] = value
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def one_line_upstream(url: str) -> dict[str, Any]:
+    """The ``--upstream URL`` form: every model to one OpenAI-compatible upstream."""
+    return {"name": "default", "base_url": url, "provider": "openai", "models": ["*"]}
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key == "upstream":
+            out["upstreams"] = [one_line_upstream(value)]
+        elif key in ("db", "ledger_url"):
+            _set_path(out, ["ledger", "url"], value)
+        elif key == "price_file":
+            _set_path(out, ["pricing", "price_file"], value)
+        else:
+            _set_path(out, key.split("__"), value)
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"Config file '{path}' cannot be read: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def _describe(errors: ValidationError, data: Mapping[str, Any]) -> str:
+    parts = []
+    for err in errors.errors():
+        loc = err["loc"]
+        key = ".".join(str(p) for p in loc)
+        value: Any = data
+        for p in loc:
+            try:
+                value = value[p]
+            except (KeyError, IndexError, TypeError):
+                value = None
+                break
+        if err["type"] == "extra_forbidden":
+            parts.append(f"Config key '{key}' is not a known setting.")
+        elif err["type"] == "missing":
+            parts.append(f"Config key '{key}' is required.")
+        elif value is not None and not isinstance(value, Mapping | list):
+            parts.append(f"Config '{key}' has value {value!r}: {err['msg']}.")
+        else:
+            parts.append(f"Config '{key}': {err['msg']}.")
+    return " ".join(parts)
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from file, environment and flags (``overrides``), validated once.
+
+    >>> load_settings(overrides={"upstreams": [one_line_upstream("http://127.0.0.1:9000/v1")]}).port
+    8080
+    """
+    env = os.environ if environ is None else environ
+    path = config_file or env.get(ENV_PREFIX + "CONFIG")
+    data: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+    data = _merge(data, _env_overrides(env))
+    if overrides:
+        data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, data)) from None

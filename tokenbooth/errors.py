@@ -1,0 +1,214 @@
+"""The one exception tree of tokenbooth, and the error taxonomy.
+
+Every error a user can meet is a ``TokenboothError``. Each exception carries what
+renders it: an HTTP status and an OpenAI-style error body for the gateway, an exit
+code for the CLI, and an ``error_type`` for metrics and the ledger.
+
+    TokenboothError
+    ├── ConfigError                 bad configuration; exit code 2
+    ├── UsageError                  bad CLI usage; exit code 2
+    ├── RequestError                a client sent something we cannot serve
+    │   ├── InvalidRequest          400  invalid JSON, missing or mistyped fields
+    │   ├── NotFound                404  unknown route
+    │   ├── MethodNotAllowed        405
+    │   └── ModelNotFound           404  no upstream serves the model
+    └── UpstreamError               the upstream failed the call
+        ├── UpstreamConnectError    502  connection refused, reset, DNS  (connection)
+        ├── UpstreamConnectTimeout  504  no connection in time           (timeout_connect)
+        ├── UpstreamReadTimeout     504  no bytes in time                (timeout_read)
+        ├── UpstreamInvalidResponse 502  a 2xx body that is not what the API promises
+        └── UpstreamStatusError     the upstream's own 4xx/5xx, passed through
+
+Third-party exceptions are translated where they enter (``raise ... from exc``),
+so nothing downstream has to guess at foreign exception types.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "ErrorType",
+    "InvalidRequest",
+    "MethodNotAllowed",
+    "ModelNotFound",
+    "NotFound",
+    "RequestError",
+    "TokenboothError",
+    "UpstreamConnectError",
+    "UpstreamConnectTimeout",
+    "UpstreamError",
+    "UpstreamInvalidResponse",
+    "UpstreamReadTimeout",
+    "UpstreamStatusError",
+    "UsageError",
+    "classify_status",
+]
+
+
+class ErrorType(StrEnum):
+    """The bounded set of error types used as the ``error_type`` label (PRODUCT.md F3)."""
+
+    NONE = ""
+    RATE_LIMITED = "rate_limited"
+    AUTH = "auth"
+    BAD_REQUEST = "bad_request"
+    CONTEXT_LENGTH = "context_length"
+    SERVER_ERROR = "server_error"
+    TIMEOUT_CONNECT = "timeout_connect"
+    TIMEOUT_READ = "timeout_read"
+    CONNECTION = "connection"
+    CANCELLED = "cancelled"
+    INVALID_RESPONSE = "invalid_response"
+
+
+_CONTEXT_MARKERS = (b"context_length_exceeded", b"maximum context length", b"prompt is too long")
+
+
+def classify_status(status: int, body: bytes = b"") -> ErrorType:
+    """Map an upstream HTTP status (and its body, for context-length errors) to an error type.
+
+    >>> classify_status(429)
+    <ErrorType.RATE_LIMITED: 'rate_limited'>
+    """
+    if status < 400:
+        return ErrorType.NONE
+    if status == 429:
+        return ErrorType.RATE_LIMITED
+    if status in (401, 403):
+        return ErrorType.AUTH
+    if status >= 500:
+        return ErrorType.SERVER_ERROR
+    lowered = body[:4096].lower()
+    if any(marker in lowered for marker in _CONTEXT_MARKERS):
+        return ErrorType.CONTEXT_LENGTH
+    return ErrorType.BAD_REQUEST
+
+
+class TokenboothError(Exception):
+    """Base of every tokenbooth error."""
+
+    status_code: int = 500
+    exit_code: int = 1
+    error_type: ErrorType = ErrorType.NONE
+    openai_type: str = "api_error"
+    code: str | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def openai_body(self) -> dict[str, Any]:
+        """The error in OpenAI's format: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {"error": {"message": self.message, "type": self.openai_type, "param": None, "code": self.code}}
+
+
+class ConfigError(TokenboothError):
+    """A configuration value is missing or invalid; the message names the key and the value."""
+
+    exit_code = 2
+
+
+class UsageError(TokenboothError):
+    """The command line was used wrongly."""
+
+    exit_code = 2
+
+
+class RequestError(TokenboothError):
+    """The client sent a request the gateway cannot serve."""
+
+    status_code = 400
+    openai_type = "invalid_request_error"
+
+
+class InvalidRequest(RequestError):
+    """Malformed JSON or a missing or mistyped field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def openai_body(self) -> dict[str, Any]:
+        body = super().openai_body()
+        body["error"]["param"] = self.param
+        return body
+
+
+class NotFound(RequestError):
+    """No such route."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(RequestError):
+    """The route exists but not for this HTTP method."""
+
+    status_code = 405
+    code = "method_not_allowed"
+
+
+class ModelNotFound(RequestError):
+    """No configured upstream serves the requested model."""
+
+    status_code = 404
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist or is not served by this gateway.")
+        self.model = model
+
+
+class UpstreamError(TokenboothError):
+    """The upstream did not complete the call. ``upstream`` names it (never its key)."""
+
+    status_code = 502
+    openai_type = "upstream_error"
+
+    def __init__(self, message: str, upstream: str = "") -> None:
+        super().__init__(message)
+        self.upstream = upstream
+
+
+class UpstreamConnectError(UpstreamError):
+    """The connection to the upstream failed or broke."""
+
+    error_type = ErrorType.CONNECTION
+    code = "upstream_unreachable"
+
+
+class UpstreamConnectTimeout(UpstreamError):
+    """No connection to the upstream within the connect timeout."""
+
+    status_code = 504
+    error_type = ErrorType.TIMEOUT_CONNECT
+    code = "upstream_timeout"
+
+
+class UpstreamReadTimeout(UpstreamError):
+    """The upstream accepted the request but sent nothing within the read timeout."""
+
+    status_code = 504
+    error_type = ErrorType.TIMEOUT_READ
+    code = "upstream_timeout"
+
+
+class UpstreamInvalidResponse(UpstreamError):
+    """The upstream answered 2xx with a body that is not what its API promises."""
+
+    error_type = ErrorType.INVALID_RESPONSE
+    code = "upstream_invalid_response"
+
+
+class UpstreamStatusError(UpstreamError):
+    """The upstream answered with a 4xx or 5xx; its status and body are passed through."""
+
+    def __init__(self, status: int, body: bytes, content_type: str, upstream: str = "") -> None:
+        super().__init__(f"upstream answered HTTP {status}", upstream)
+        self.status_code = status
+        self.body = body
+        self.content_type = content_type
+        self.error_type = classify_status(status, body)

@@ -1,0 +1,179 @@
+"""The gateway as a bare ASGI application.
+
+Routing is a dict lookup and the handlers speak ASGI directly: a framework's request
+and response objects would cost more CPU per call than the whole proxy path
+(see ``bench/``). Errors raised by handlers are rendered in one place,
+:meth:`Gateway._render_error`, in OpenAI's error format.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from tokenbooth.catalog import Metrics
+from tokenbooth.config import Settings
+from tokenbooth.errors import MethodNotAllowed, NotFound, TokenboothError, UpstreamStatusError
+from tokenbooth.gateway.proxy import ENDPOINTS, Proxy, Receive, Send, translate_client_error
+from tokenbooth.gateway.upstreams import Router
+from tokenbooth.ledger.schema import connect
+from tokenbooth.ledger.writer import LedgerWriter
+from tokenbooth.meter import Meter, ModelLabels
+from tokenbooth.pricing import PriceBook, load_price_file
+
+__all__ = ["Gateway", "build_gateway"]
+
+log = logging.getLogger("tokenbooth.gateway")
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
+_JSON = (b"content-type", b"application/json")
+
+
+class Gateway:
+    """An OpenAI-compatible metering proxy. Create with :func:`build_gateway`."""
+
+    def __init__(self, settings: Settings, proxy: Proxy, registry: CollectorRegistry,
+                 ledger: LedgerWriter | None) -> None:
+        self.settings = settings
+        self.proxy = proxy
+        self.registry = registry
+        self.ledger = ledger
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def startup(self) -> None:
+        await self.proxy.start()
+        if self.ledger is not None:
+            self.ledger.start()
+
+    async def shutdown(self) -> None:
+        await self.proxy.close()
+        if self.ledger is not None:
+            self.ledger.close()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id")
+        request_id = rid.decode() if rid and _REQUEST_ID.match(rid) else os.urandom(12).hex()
+        path: str = scope["path"]
+        method: str = scope["method"]
+        try:
+            endpoint = ENDPOINTS.get(path)
+            if endpoint is not None:
+                if method != "POST":
+                    raise MethodNotAllowed(f"Use POST for {path}.")
+                body = await _read_body(receive)
+                await self.proxy.handle(endpoint, body, headers, request_id, send, receive)
+            elif method not in ("GET", "HEAD"):
+                raise NotFound(f"Unknown request URL: {method} {path}.")
+            elif path == "/metrics":
+                await _respond(send, 200, generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
+            elif path == "/healthz":
+                await _respond(send, 200, b'{"status":"ok"}', b"application/json")
+            elif path == "/v1/models":
+                await self._models(send, headers)
+            else:
+                raise NotFound(f"Unknown request URL: {method} {path}.")
+        except TokenboothError as exc:
+            await self._render_error(send, exc, request_id)
+
+    async def _render_error(self, send: Send, exc: TokenboothError, request_id: str) -> None:
+        rid = (b"x-request-id", request_id.encode())
+        if isinstance(exc, UpstreamStatusError):
+            # The upstream's own error, passed through as it was.
+            headers = [(b"content-type", exc.content_type.encode("latin-1")), rid]
+            await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+            await send({"type": "http.response.body", "body": exc.body})
+            return
+        if exc.status_code >= 500:
+            log.warning("request %s failed: %s", request_id, exc.message)
+        await send({"type": "http.response.start", "status": exc.status_code, "headers": [_JSON, rid]})
+        await send({"type": "http.response.body", "body": orjson.dumps(exc.openai_body())})
+
+    async def _models(self, send: Send, headers: dict[bytes, bytes]) -> None:
+        router = self.proxy.router
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": router.route(m).name}
+                for m in router.explicit_models]
+        wildcard = router.wildcard
+        if wildcard is not None:
+            data += await self._upstream_models(wildcard, headers)
+        await _respond(send, 200, orjson.dumps({"object": "list", "data": data}), b"application/json")
+
+    async def _upstream_models(self, up: Any, headers: dict[bytes, bytes]) -> list[dict[str, Any]]:
+        import aiohttp
+
+        assert self.proxy.session is not None
+        try:
+            async with self.proxy.session.get(up.base_url + "/models",
+                                              headers=self.proxy.upstream_headers(up, headers)) as resp:
+                body = await resp.read()
+                if resp.status >= 400:
+                    raise UpstreamStatusError(resp.status, body,
+                                              resp.headers.get("Content-Type", "application/json"), up.name)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise translate_client_error(exc, up.name) from exc
+        try:
+            listed = orjson.loads(body)["data"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return []
+        return [m for m in listed if isinstance(m, dict)]
+
+
+async def _read_body(receive: Receive) -> bytes:
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body"):
+        return body
+    parts = [body]
+    while message.get("more_body"):
+        message = await receive()
+        parts.append(message.get("body", b""))
+    return b"".join(parts)
+
+
+async def _respond(send: Send, status: int, body: bytes, content_type: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def build_gateway(settings: Settings, registry: CollectorRegistry | None = None) -> Gateway:
+    """Wire a gateway from settings: router, prices, meter, ledger, metrics registry."""
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = Metrics(registry)
+    local = load_price_file(settings.pricing.price_file, settings.pricing.fx) if settings.pricing.price_file \
+        else []
+    prices = PriceBook(local, settings.pricing.fx)
+    prices.warm()
+    router = Router(settings.upstreams)
+    known = set(router.explicit_models) | prices.local_models | set(settings.metrics.extra_models)
+    ledger = None
+    if settings.ledger.enabled:
+        ledger = LedgerWriter(connect(settings.ledger.url), metrics, batch_size=settings.ledger.batch_size,
+                              flush_interval=settings.ledger.flush_interval)
+    meter = Meter(metrics, ModelLabels(known), ledger)
+    return Gateway(settings, Proxy(router, meter, prices), registry, ledger)

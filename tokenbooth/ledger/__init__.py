@@ -1,0 +1,1 @@
+"""The per-call ledger: schema, batched writer, reports."""

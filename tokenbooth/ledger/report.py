@@ -1,0 +1,130 @@
+"""Cost and usage reports from the ledger: grouped sums, rendered as a table, CSV or JSON."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from dataclasses import asdict, dataclass
+from decimal import Decimal
+from typing import Any, Literal
+
+import orjson
+from sqlalchemy import Engine, case, func, select
+from sqlalchemy.sql.elements import ColumnElement
+
+from tokenbooth.errors import UsageError
+from tokenbooth.ledger.schema import calls
+
+__all__ = ["GROUPS", "ReportRow", "render", "report"]
+
+Group = Literal["model", "provider", "upstream", "tenant", "key", "day", "month"]
+GROUPS: tuple[str, ...] = ("model", "provider", "upstream", "tenant", "key", "day", "month")
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """Sums over one group of calls. ``cost_usd`` covers priced calls; ``unpriced`` counts the rest."""
+
+    group: str
+    requests: int
+    errors: int
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+    cost_usd: Decimal
+    unpriced: int
+
+
+def _group_expr(engine: Engine, by: str) -> ColumnElement[Any]:
+    column = {"model": calls.c.model, "provider": calls.c.provider, "upstream": calls.c.upstream,
+              "tenant": calls.c.tenant, "key": calls.c.key_id}.get(by)
+    if column is not None:
+        return column
+    if by not in ("day", "month"):
+        raise UsageError(f"cannot group by {by!r}; choose one of {', '.join(GROUPS)}")
+    if engine.dialect.name == "sqlite":
+        return func.strftime("%Y-%m-%d" if by == "day" else "%Y-%m", calls.c.started_at)
+    if engine.dialect.name == "postgresql":
+        return func.to_char(calls.c.started_at, "YYYY-MM-DD" if by == "day" else "YYYY-MM")
+    return func.substr(func.cast(calls.c.started_at, calls.c.model.type), 1, 10 if by == "day" else 7)
+
+
+def report(engine: Engine, by: str = "model", since: dt.date | None = None,
+           until: dt.date | None = None) -> list[ReportRow]:
+    """Sum calls per group between ``since`` (inclusive) and ``until`` (exclusive), UTC dates."""
+    key = _group_expr(engine, by).label("grp")
+    has_tokens = (calls.c.input_tokens + calls.c.output_tokens) > 0
+    stmt = select(
+        key,
+        func.count().label("requests"),
+        func.sum(case((calls.c.outcome == "error", 1), else_=0)).label("errors"),
+        func.sum(calls.c.input_tokens).label("input_tokens"),
+        func.sum(calls.c.output_tokens).label("output_tokens"),
+        func.sum(calls.c.cached_input_tokens).label("cached_input_tokens"),
+        func.sum(calls.c.cache_write_tokens).label("cache_write_tokens"),
+        func.sum(calls.c.reasoning_tokens).label("reasoning_tokens"),
+        func.sum(calls.c.cost_usd).label("cost_usd"),
+        func.sum(case((calls.c.cost_usd.is_(None) & has_tokens, 1), else_=0)).label("unpriced"),
+    ).group_by(key).order_by(key)
+    if since is not None:
+        stmt = stmt.where(calls.c.started_at >= dt.datetime.combine(since, dt.time()))
+    if until is not None:
+        stmt = stmt.where(calls.c.started_at < dt.datetime.combine(until, dt.time()))
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    return [
+        ReportRow(
+            group=str(r.grp) if r.grp is not None else "-",
+            requests=int(r.requests),
+            errors=int(r.errors or 0),
+            input_tokens=int(r.input_tokens or 0),
+            output_tokens=int(r.output_tokens or 0),
+            cached_input_tokens=int(r.cached_input_tokens or 0),
+            cache_write_tokens=int(r.cache_write_tokens or 0),
+            reasoning_tokens=int(r.reasoning_tokens or 0),
+            cost_usd=Decimal(r.cost_usd) if r.cost_usd is not None else Decimal(0),
+            unpriced=int(r.unpriced or 0),
+        )
+        for r in rows
+    ]
+
+
+def _total(rows: list[ReportRow]) -> ReportRow:
+    return ReportRow("TOTAL", *(sum((getattr(r, f) for r in rows), start=type(getattr(rows[0], f))())
+                                for f in ("requests", "errors", "input_tokens", "output_tokens",
+                                          "cached_input_tokens", "cache_write_tokens", "reasoning_tokens",
+                                          "cost_usd", "unpriced")))
+
+
+def render(rows: list[ReportRow], fmt: str, by: str) -> str:
+    """Render rows as ``table`` (with a total), ``csv`` or ``json`` (exact decimal strings)."""
+    if fmt == "json":
+        return orjson.dumps([{**asdict(r), "cost_usd": str(r.cost_usd)} for r in rows],
+                            option=orjson.OPT_INDENT_2).decode() + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow([by, *list(asdict(rows[0]))[1:]] if rows else [by])
+        for r in rows:
+            writer.writerow([r.group, *(str(v) for v in list(asdict(r).values())[1:])])
+        return out.getvalue()
+    if fmt != "table":
+        raise UsageError(f"unknown format {fmt!r}; choose table, csv or json")
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"tokenbooth usage by {by}", show_footer=False)
+    for name in (by, "requests", "errors", "input", "output", "cached in", "reasoning", "cost USD", "unpriced"):
+        table.add_column(name, justify="left" if name == by else "right")
+    shown = [*rows, _total(rows)] if rows else []
+    for r in shown:
+        table.add_row(r.group, f"{r.requests:,}", f"{r.errors:,}", f"{r.input_tokens:,}",
+                      f"{r.output_tokens:,}", f"{r.cached_input_tokens:,}", f"{r.reasoning_tokens:,}",
+                      f"{r.cost_usd:,.6f}", f"{r.unpriced:,}", end_section=r is rows[-1])
+    buf = io.StringIO()
+    Console(file=buf, width=140, force_terminal=False, color_system=None).print(
+        table if rows else "No calls in the ledger for this period.")
+    return buf.getvalue()

@@ -1,0 +1,208 @@
+"""The ledger's schema: one row per call, in SQLite or PostgreSQL through SQLAlchemy Core."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    create_engine,
+    event,
+    insert,
+    select,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from tokenbooth.errors import ConfigError
+from tokenbooth.record import CallRecord
+
+__all__ = ["SCHEMA_VERSION", "calls", "connect", "metadata", "row_from_record"]
+
+SCHEMA_VERSION = 1
+_PICO = Decimal("1e12")
+
+
+class Money(TypeDecorator[Decimal]):
+    """An exact amount of money.
+
+    ``NUMERIC(24, 12)`` on PostgreSQL. SQLite has no exact decimal type, so there the
+    amount is stored as an integer count of 1e-12 units: sums stay exact, and a row
+    is exact to a trillionth of a dollar.
+    """
+
+    impl = Numeric(24, 12)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(BigInteger())
+        return dialect.type_descriptor(Numeric(24, 12, asdecimal=True))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            return int((Decimal(value) * _PICO).to_integral_value())
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            return Decimal(int(value)) / _PICO
+        return Decimal(value)
+
+
+metadata = MetaData()
+
+_Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements only INTEGER PRIMARY KEY
+
+calls = Table(
+    "tokenbooth_calls",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("request_id", String(64), nullable=False),
+    Column("started_at", DateTime(timezone=False), nullable=False, comment="UTC"),
+    Column("provider", String(64), nullable=False),
+    Column("upstream", String(128), nullable=False),
+    Column("model", String(256), nullable=False, comment="the model the caller asked for"),
+    Column("served_model", String(256)),
+    Column("operation", String(32), nullable=False),
+    Column("streamed", Boolean, nullable=False, default=False),
+    Column("outcome", String(16), nullable=False),
+    Column("error_type", String(32), nullable=False, default=""),
+    Column("http_status", Integer),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_input_tokens", BigInteger, nullable=False, default=0),
+    Column("cache_write_tokens", BigInteger, nullable=False, default=0),
+    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    Column("tokens_estimated", Boolean, nullable=False, default=False),
+    Column("cost", Money(), comment="in `currency`; NULL when no price is known"),
+    Column("currency", String(8)),
+    Column("cost_usd", Money()),
+    Column("price_source", String(32)),
+    Column("duration_s", Float, nullable=False),
+    Column("ttft_s", Float),
+    Column("attempts", Integer, nullable=False, default=1),
+    Column("fallback_path", String(512)),
+    Column("session_id", String(128)),
+    Column("tenant", String(128)),
+    Column("key_id", String(64)),
+    Index("ix_tokenbooth_calls_started_at", "started_at"),
+    Index("ix_tokenbooth_calls_model_time", "model", "started_at"),
+    Index("ix_tokenbooth_calls_provider_time", "provider", "started_at"),
+    Index("ix_tokenbooth_calls_tenant_time", "tenant", "started_at"),
+    Index("ix_tokenbooth_calls_request_id", "request_id"),
+)
+
+meta = Table(
+    "tokenbooth_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
+)
+
+
+def row_from_record(rec: CallRecord) -> dict[str, Any]:
+    """The ledger row of a record. Holds no prompt, completion or key."""
+    u = rec.usage
+    cost = rec.cost
+    return {
+        "request_id": rec.request_id,
+        "started_at": dt.datetime.fromtimestamp(rec.started_at, dt.UTC).replace(tzinfo=None),
+        "provider": rec.provider,
+        "upstream": rec.upstream,
+        "model": rec.model,
+        "served_model": rec.served_model,
+        "operation": rec.operation.value,
+        "streamed": rec.streamed,
+        "outcome": rec.outcome.value,
+        "error_type": rec.error_type.value,
+        "http_status": rec.http_status,
+        "input_tokens": u.input,
+        "output_tokens": u.output,
+        "cached_input_tokens": u.cached_input,
+        "cache_write_tokens": u.cache_write,
+        "reasoning_tokens": u.reasoning,
+        "tokens_estimated": u.estimated,
+        "cost": cost.amount if cost else None,
+        "currency": cost.currency if cost else None,
+        "cost_usd": cost.usd if cost else None,
+        "price_source": cost.source if cost else None,
+        "duration_s": rec.duration_s,
+        "ttft_s": rec.ttft_s,
+        "attempts": rec.attempts,
+        "fallback_path": rec.fallback_path,
+        "session_id": rec.session_id,
+        "tenant": rec.tenant,
+        "key_id": rec.key_id,
+    }
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password masked, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
+def connect(url: str, *, create: bool = True) -> Engine:
+    """An engine for the ledger at ``url``, with the schema created and checked.
+
+    SQLite runs in WAL mode so reports can read while the gateway writes.
+    """
+    if url.startswith(("postgres://", "postgresql://")):
+        # psycopg 3 is the driver we ship with; SQLAlchemy's default would be psycopg2.
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    try:
+        engine = create_engine(url, pool_pre_ping=True)
+    except (ArgumentError, ImportError, SQLAlchemyError) as exc:
+        raise ConfigError(f"Ledger URL '{safe_url(url)}' cannot be used: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    try:
+        if create:
+            metadata.create_all(engine)
+            with engine.begin() as conn:
+                version = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+                if version is None:
+                    conn.execute(insert(meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+                elif int(version) > SCHEMA_VERSION:
+                    raise ConfigError(
+                        f"Ledger at '{safe_url(url)}' has schema version {version}, newer than this "
+                        f"tokenbooth ({SCHEMA_VERSION}); upgrade tokenbooth"
+                    )
+        else:
+            with engine.connect() as conn:
+                conn.execute(select(1))
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise ConfigError(f"Ledger at '{safe_url(url)}' cannot be opened: {exc.__class__.__name__}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    return engine

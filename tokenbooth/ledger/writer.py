@@ -1,0 +1,194 @@
+"""The batched ledger writer: rows leave the request path through a queue.
+
+A background thread takes records from the queue and writes them in batches, every
+``batch_size`` rows or ``flush_interval`` seconds, whichever comes first. A batch the
+database refuses is retried with backoff; on close, a batch that still cannot be
+written is appended to a JSON-lines spill file rather than dropped, and counted as
+``tokenbooth_ledger_rows_total{result="failed"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import Engine, insert
+from sqlalchemy.exc import SQLAlchemyError
+
+from tokenbooth.catalog import Metrics
+from tokenbooth.ledger.schema import calls, row_from_record
+from tokenbooth.record import CallRecord
+
+__all__ = ["LedgerWriter"]
+
+log = logging.getLogger("tokenbooth.ledger")
+
+_STOP = object()
+
+
+class _Marker:
+    """Put in the queue by :meth:`LedgerWriter.flush`; set once every row before it is written."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class LedgerWriter:
+    """Writes call rows in batches on a background thread.
+
+    >>> writer = LedgerWriter(engine, metrics)   # doctest: +SKIP
+    >>> writer.start(); writer.submit(record); writer.close()   # doctest: +SKIP
+    """
+
+    def __init__(self, engine: Engine, metrics: Metrics, *, batch_size: int = 500,
+                 flush_interval: float = 0.2, spill_path: str | Path | None = None,
+                 max_retry_delay: float = 5.0) -> None:
+        self.engine = engine
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.spill_path = Path(spill_path) if spill_path else Path("tokenbooth-ledger-spill.jsonl")
+        self.max_retry_delay = max_retry_delay
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="tokenbooth-ledger", daemon=True)
+        self._closing = threading.Event()
+        self._written = metrics.ledger_rows.labels("written")
+        self._failed = metrics.ledger_rows.labels("failed")
+        metrics.ledger_queue_depth.set_function(self._queue.qsize)
+        self.rows_written = 0
+        self.rows_spilled = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, record: CallRecord) -> None:
+        """Queue one record; returns at once."""
+        self._queue.put(record)
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Block until every row submitted before this call is written (or spilled)."""
+        if not self._thread.is_alive():
+            return self._queue.empty()
+        marker = _Marker()
+        self._queue.put(marker)
+        return marker.done.wait(timeout)
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Write everything queued, then stop the thread. Idempotent."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("ledger writer did not finish within %.0f s; %d rows still queued",
+                          timeout or 0, self._queue.qsize())
+        else:
+            self._drain_and_write()
+
+    def _drain_and_write(self) -> None:
+        batch: list[dict[str, Any]] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, CallRecord):
+                batch.append(row_from_record(item))
+            elif isinstance(item, _Marker):
+                item.done.set()
+        if batch:
+            self._write(batch, final=True)
+
+    def _run(self) -> None:
+        batch: list[dict[str, Any]] = []
+        markers: list[_Marker] = []
+        stop = False
+        get = self._queue.get
+        while not stop:
+            deadline: float | None = None
+            while len(batch) < self.batch_size:
+                if deadline is None:
+                    timeout = None if not markers else 0.0
+                else:
+                    timeout = deadline - time.monotonic()
+                    if timeout <= 0:
+                        break
+                try:
+                    item = get(timeout=timeout) if timeout != 0.0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                if isinstance(item, _Marker):
+                    markers.append(item)
+                    deadline = time.monotonic()  # write what we have now
+                    continue
+                batch.append(row_from_record(item))
+                if deadline is None:
+                    deadline = time.monotonic() + self.flush_interval
+            if stop:  # take whatever is still queued
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(item, CallRecord):
+                        batch.append(row_from_record(item))
+                    elif isinstance(item, _Marker):
+                        markers.append(item)
+            if batch:
+                self._write(batch, final=stop)
+                batch = []
+            for marker in markers:
+                marker.done.set()
+            markers = []
+
+    def _write(self, batch: list[dict[str, Any]], *, final: bool) -> None:
+        delay = 0.05
+        attempt = 0
+        done = 0
+        while done < len(batch):
+            attempt += 1
+            chunk = batch[done:done + self.batch_size]
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(calls), chunk)
+            except SQLAlchemyError as exc:
+                reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
+                if final or self._closing.is_set():
+                    if attempt < 3:
+                        time.sleep(delay)
+                        delay *= 4
+                        continue
+                    self._spill(batch[done:], reason)
+                    return
+                log.warning("ledger write of %d rows failed (attempt %d), retrying: %s",
+                            len(chunk), attempt, reason)
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_retry_delay)
+                continue
+            done += len(chunk)
+            self._written.inc(len(chunk))
+            self.rows_written += len(chunk)
+
+    def _spill(self, batch: list[dict[str, Any]], reason: str) -> None:
+        try:
+            with self.spill_path.open("ab") as f:
+                for row in batch:
+                    f.write(orjson.dumps(row, default=str) + b"\n")
+        except OSError as exc:
+            log.error("ledger: %d rows LOST: database failed (%s) and spill file %s failed (%s)",
+                      len(batch), reason, self.spill_path, exc)
+        else:
+            log.error("ledger: database failed (%s); %d rows written to %s for replay",
+                      reason, len(batch), self.spill_path)
+        self._failed.inc(len(batch))
+        self.rows_spilled += len(batch)
+

@@ -1,0 +1,129 @@
+"""The meter: one CallRecord in, metrics and a ledger row out.
+
+The gateway and the SDK both feed it, so a number means the same thing whichever
+way it was measured. Recording never raises into the caller: a failure is logged,
+and a row the ledger could not take is counted by the ledger writer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from tokenbooth.catalog import Metrics
+from tokenbooth.record import CallRecord, Outcome
+
+__all__ = ["Meter", "ModelLabels", "RowSink"]
+
+log = logging.getLogger("tokenbooth.meter")
+
+OTHER = "other"
+
+
+class RowSink(Protocol):
+    """Where ledger rows go (the batched ledger writer, or nothing)."""
+
+    def submit(self, record: CallRecord) -> None: ...
+
+
+class ModelLabels:
+    """Folds model names to a bounded label set: known names pass, anything else is ``other``."""
+
+    def __init__(self, known: Iterable[str] = (), *, genai_prices: bool = True) -> None:
+        self._known = set(known)
+        if genai_prices:
+            self._known |= _genai_model_ids()
+
+    def __call__(self, model: str) -> str:
+        return model if model in self._known else OTHER
+
+    def __contains__(self, model: object) -> bool:
+        return model in self._known
+
+
+def _genai_model_ids() -> set[str]:
+    from genai_prices import data_snapshot
+
+    return {m.id for p in data_snapshot.get_snapshot().providers for m in p.models}
+
+
+class Meter:
+    """Turns records into metrics and ledger rows.
+
+    >>> from prometheus_client import CollectorRegistry
+    >>> meter = Meter(Metrics(CollectorRegistry()), ModelLabels(["m"], genai_prices=False))
+    """
+
+    def __init__(self, metrics: Metrics, models: ModelLabels, sink: RowSink | None = None) -> None:
+        self.metrics = metrics
+        self.models = models
+        self.sink = sink
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def in_flight(self, provider: str, model: str) -> Any:
+        """The in-flight gauge child for a call; ``inc()`` when it starts, ``dec()`` when it ends."""
+        key = ("in_flight", provider, model)
+        child = self._children.get(key)
+        if child is None:
+            child = self.metrics.in_flight.labels(provider, self.models(model))
+            self._children[key] = child
+        return child
+
+    def record(self, rec: CallRecord) -> None:
+        """Count the call in metrics and hand its row to the ledger. Never raises."""
+        try:
+            self._observe(rec)
+        except Exception:  # instrumentation must never break a request
+            log.exception("metering failed for request %s", rec.request_id)
+        if self.sink is not None:
+            try:
+                self.sink.submit(rec)
+            except Exception:
+                log.exception("ledger submit failed for request %s", rec.request_id)
+
+    def _observe(self, rec: CallRecord) -> None:
+        m = self.metrics
+        model = self.models(rec.model)
+        op = rec.operation.value
+        outcome = rec.outcome.value
+        key = (rec.provider, model, op, outcome, rec.error_type.value)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                m.requests.labels(rec.provider, model, op, outcome, rec.error_type.value),
+                m.request_duration.labels(rec.provider, model, op, outcome),
+                m.tokens.labels(rec.provider, model, op, "input"),
+                m.tokens.labels(rec.provider, model, op, "output"),
+                m.tokens.labels(rec.provider, model, op, "cached_input"),
+                m.tokens.labels(rec.provider, model, op, "cache_write"),
+                m.tokens.labels(rec.provider, model, op, "reasoning"),
+                m.cost_usd.labels(rec.provider, model),
+                m.unpriced.labels(rec.provider, model),
+                m.ttft.labels(rec.provider, model, op),
+                m.time_per_output_token.labels(rec.provider, model),
+            )
+            self._children[key] = children
+        (requests, duration, t_in, t_out, t_cached, t_write, t_reason, cost, unpriced, ttft, tpot) = children
+        requests.inc()
+        duration.observe(rec.duration_s)
+        u = rec.usage
+        if u.input:
+            t_in.inc(u.input)
+        if u.output:
+            t_out.inc(u.output)
+        if u.cached_input:
+            t_cached.inc(u.cached_input)
+        if u.cache_write:
+            t_write.inc(u.cache_write)
+        if u.reasoning:
+            t_reason.inc(u.reasoning)
+        if rec.cost is not None:
+            if rec.cost.usd:
+                cost.inc(float(rec.cost.usd))
+        elif u.input or u.output:
+            unpriced.inc()
+        if rec.streamed and rec.ttft_s is not None:
+            ttft.observe(rec.ttft_s)
+            if rec.outcome is Outcome.SUCCESS and u.output > 1:
+                tpot.observe(max(rec.duration_s - rec.ttft_s, 0.0) / (u.output - 1))

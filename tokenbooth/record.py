@@ -1,0 +1,90 @@
+"""One frozen record per LLM call, built by the gateway or the SDK and read by the meter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+
+from tokenbooth.errors import ErrorType
+
+__all__ = ["CallRecord", "Cost", "Operation", "Outcome", "TokenUsage"]
+
+
+class Operation(StrEnum):
+    """What kind of API call this was (the ``operation`` label)."""
+
+    CHAT = "chat"
+    TEXT_COMPLETION = "text_completion"
+    EMBEDDINGS = "embeddings"
+
+
+class Outcome(StrEnum):
+    """How the call ended (the ``outcome`` label)."""
+
+    SUCCESS = "success"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Tokens of one call by kind.
+
+    ``input`` and ``output`` are totals: ``input`` includes ``cached_input`` and
+    ``cache_write``, ``output`` includes ``reasoning``. ``estimated`` is true when the
+    numbers were counted locally rather than reported by the upstream.
+    """
+
+    input: int = 0
+    output: int = 0
+    cached_input: int = 0
+    cache_write: int = 0
+    reasoning: int = 0
+    estimated: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.input + self.output
+
+
+NO_USAGE = TokenUsage()
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """An exact cost: ``amount`` in ``currency``, ``usd`` after the configured FX rate.
+
+    ``source`` says where the price came from (``genai-prices``, ``price-file``).
+    """
+
+    amount: Decimal
+    currency: str
+    usd: Decimal
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """Everything tokenbooth knows about one LLM call. Immutable once built."""
+
+    request_id: str
+    started_at: float  # unix time, seconds
+    provider: str
+    upstream: str
+    model: str  # the model the caller asked for
+    operation: Operation
+    outcome: Outcome
+    duration_s: float
+    served_model: str | None = None  # the model the upstream says it served
+    error_type: ErrorType = ErrorType.NONE
+    http_status: int | None = None
+    streamed: bool = False
+    usage: TokenUsage = field(default=NO_USAGE)
+    cost: Cost | None = None  # None: no price known (never silently zero)
+    ttft_s: float | None = None
+    attempts: int = 1
+    fallback_path: str | None = None
+    session_id: str | None = None
+    tenant: str | None = None
+    key_id: str | None = None
