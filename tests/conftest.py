@@ -1,0 +1,162 @@
+"""Shared fixtures: a real simulated upstream and a real gateway, each on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tokenbooth.config import Settings, load_settings
+from tokenbooth.gateway.app import Gateway, build_gateway
+from tokenbooth.gateway.server import GatewayServer, bind_socket, uvicorn_config
+from tokenbooth.simulate import SimConfig, Simulator
+
+PG_URL = os.environ.get("TOKENBOOTH_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+class LoopThread:
+    """An asyncio loop on a background thread, for servers the (sync) tests talk to."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+class SimHandle:
+    """A running simulated upstream: its URL and its control endpoints."""
+
+    def __init__(self, sim: Simulator, port: int) -> None:
+        self.sim = sim
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self.base = f"http://127.0.0.1:{port}"
+
+    def script(self, actions: list[dict[str, Any]]) -> None:
+        httpx.post(f"{self.base}/_sim/script", json={"script": actions}).raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = httpx.get(f"{self.base}/_sim/stats").json()
+        return result
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.stop()
+
+
+@pytest.fixture
+def make_sim(loop_thread: LoopThread) -> Iterator[Callable[..., SimHandle]]:
+    made: list[Simulator] = []
+
+    def make(**config: Any) -> SimHandle:
+        sim = Simulator(SimConfig(seed=1, **config))
+        port = loop_thread.run(sim.start())
+        made.append(sim)
+        return SimHandle(sim, port)
+
+    yield make
+    for sim in made:
+        loop_thread.run(sim.stop())
+
+
+@pytest.fixture
+def sim(make_sim: Callable[..., SimHandle]) -> SimHandle:
+    return make_sim()
+
+
+class GatewayHandle:
+    """A gateway served by uvicorn on a background thread."""
+
+    def __init__(self, gateway: Gateway, settings: Settings, registry: CollectorRegistry) -> None:
+        self.gateway = gateway
+        self.settings = settings
+        self.registry = registry
+        sock = bind_socket("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.server = GatewayServer(uvicorn_config(gateway, settings), handle_signals=False)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("gateway failed to start")
+            threading.Event().wait(0.01)
+
+    def flush(self) -> None:
+        assert self.gateway.ledger is not None
+        assert self.gateway.ledger.flush(10)
+
+    def sample(self, name: str, **labels: str) -> float:
+        total = 0.0
+        for metric in self.registry.collect():
+            for s in metric.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+        return total
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayHandle]]:
+    made: list[GatewayHandle] = []
+
+    def make(upstreams: list[dict[str, Any]], **overrides: Any) -> GatewayHandle:
+        overrides.setdefault("ledger", {"url": f"sqlite:///{tmp_path / f'ledger-{uuid.uuid4().hex[:6]}.db'}",
+                                        "flush_interval": 0.05})
+        settings = load_settings(overrides={"upstreams": upstreams, "port": 0, **overrides}, environ={})
+        registry = CollectorRegistry()
+        handle = GatewayHandle(build_gateway(settings, registry), settings, registry)
+        made.append(handle)
+        return handle
+
+    yield make
+    for handle in made:
+        handle.stop()
+
+
+@pytest.fixture
+def gateway(make_gateway: Callable[..., GatewayHandle], sim: SimHandle) -> GatewayHandle:
+    """The one-line form: every model to the simulator."""
+    return make_gateway([{"name": "default", "base_url": sim.url, "provider": "openai", "models": ["*"]}])
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL schema for one test; fails (never skips) when the server is absent."""
+    import sqlalchemy as sa
+
+    schema = f"tb_test_{uuid.uuid4().hex[:10]}"
+    try:
+        engine = sa.create_engine(PG_URL)
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is needed at {PG_URL} (set TOKENBOOTH_TEST_PG_URL, or start it: "
+                    f"pg_ctlcluster <version> main start): {exc.orig}")
+    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    engine.dispose()

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+
+from tokenbooth.catalog import Metrics
+from tokenbooth.errors import ConfigError
+from tokenbooth.ledger.schema import calls, connect
+from tokenbooth.ledger.writer import LedgerWriter
+from tokenbooth.record import CallRecord, Cost, Operation, Outcome, TokenUsage
+
+
+def record(i: int = 0, cost: Decimal | None = Decimal("0.000000123456789012")) -> CallRecord:
+    return CallRecord(
+        request_id=uuid.uuid4().hex, started_at=time.time(), provider="openai", upstream="u", model="gpt-4o",
+        operation=Operation.CHAT, outcome=Outcome.SUCCESS, duration_s=0.1,
+        usage=TokenUsage(input=10 + i, output=5, cached_input=2, reasoning=1),
+        cost=Cost(cost, "USD", cost, "genai-prices") if cost is not None else None,
+    )
+
+
+def _count(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(calls)).scalar_one())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+def test_rows_are_written_in_batches_and_close_flushes_everything(ledger_url: str) -> None:
+    engine = connect(ledger_url)
+    registry = CollectorRegistry()
+    writer = LedgerWriter(engine, Metrics(registry), batch_size=100, flush_interval=10)
+    writer.start()
+    for i in range(1050):
+        writer.submit(record(i))
+    writer.close()
+    assert _count(engine) == 1050
+    assert registry.get_sample_value("tokenbooth_ledger_rows_total", {"result": "written"}) == 1050
+    assert registry.get_sample_value("tokenbooth_ledger_queue_depth") == 0
+    engine.dispose()
+
+
+def test_money_is_exact_to_a_trillionth_and_sums_exactly(ledger_url: str) -> None:
+    engine = connect(ledger_url)
+    writer = LedgerWriter(engine, Metrics(CollectorRegistry()), flush_interval=0.01)
+    writer.start()
+    amounts = [Decimal("0.000000123457"), Decimal("12.345678901234"), Decimal("0.1")]
+    for a in amounts:
+        writer.submit(record(cost=a))
+    writer.submit(record(cost=None))
+    writer.submit(record(cost=Decimal("0.000000123456789012")))  # finer than 1e-12: rounded to it
+    writer.close()
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(calls.c.cost_usd).order_by(calls.c.id)).scalars().all()
+        total = conn.execute(sa.select(sa.func.sum(calls.c.cost_usd))).scalar_one()
+    engine.dispose()
+    assert stored == [*amounts, None, Decimal("0.000000123457")]
+    assert total == sum(amounts) + Decimal("0.000000123457")
+
+
+def test_flush_interval_writes_without_a_full_batch(tmp_path: Path) -> None:
+    engine = connect(f"sqlite:///{tmp_path / 'l.db'}")
+    writer = LedgerWriter(engine, Metrics(CollectorRegistry()), batch_size=1000, flush_interval=0.05)
+    writer.start()
+    writer.submit(record())
+    deadline = time.monotonic() + 5
+    while _count(engine) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _count(engine) == 1
+    writer.close()
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    engine = connect(f"sqlite:///{tmp_path / 'l.db'}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    engine.dispose()
+
+
+def test_no_prompt_or_completion_column() -> None:
+    assert not {"prompt", "messages", "completion", "content", "api_key"} & set(calls.c.keys())
+
+
+def test_a_database_that_fails_on_close_spills_rows_to_a_file(tmp_path: Path) -> None:
+    engine = connect(f"sqlite:///{tmp_path / 'l.db'}")
+    registry = CollectorRegistry()
+    spill = tmp_path / "spill.jsonl"
+    writer = LedgerWriter(engine, Metrics(registry), batch_size=10, flush_interval=60, spill_path=spill)
+    writer.start()
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE tokenbooth_calls"))
+    for i in range(25):
+        writer.submit(record(i))
+    writer.close()
+    lines = spill.read_bytes().splitlines()
+    assert len(lines) == 25
+    assert orjson.loads(lines[0])["model"] == "gpt-4o"
+    assert registry.get_sample_value("tokenbooth_ledger_rows_total", {"result": "failed"}) == 25
+
+
+def test_a_failing_database_is_retried_until_it_recovers(tmp_path: Path) -> None:
+    engine = connect(f"sqlite:///{tmp_path / 'l.db'}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE tokenbooth_calls RENAME TO parked"))
+    writer = LedgerWriter(engine, Metrics(CollectorRegistry()), batch_size=5, flush_interval=0.01,
+                          max_retry_delay=0.05)
+    writer.start()
+    for i in range(12):
+        writer.submit(record(i))
+    time.sleep(0.3)  # several failed attempts
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE parked RENAME TO tokenbooth_calls"))
+    assert writer.flush(10)
+    writer.close()
+    assert _count(engine) == 12 and writer.rows_spilled == 0
+
+
+def test_unusable_urls_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot be used"):
+        connect("nosuchdb://x")
+    with pytest.raises(ConfigError, match="cannot be opened"):
+        connect("postgresql+psycopg://nobody:secret-pw@127.0.0.1:1/none")
+    try:
+        connect("postgresql+psycopg://nobody:secret-pw@127.0.0.1:1/none")
+    except ConfigError as exc:
+        assert "secret-pw" not in exc.message
