@@ -134,4 +134,4 @@ def test_bad_price_files_say_what_is_wrong(tmp_path: Path, text: str, message: s
     f.write_text(text)
     with pytest.raises(ConfigError) as info:
         load_price_file(f)
-    assert message in info.value.message and "models[0]" in info.value.message or "models' list" in message
+    assert (message in info.value.message and "models[0]" in info.value.message) or "models' list" in message

@@ -71,7 +71,8 @@ HAND_SAMPLE = [
      Decimal(1976) * Decimal("2.5") / 10**6 + Decimal(1024) * Decimal("1.25") / 10**6
      + Decimal(200) * Decimal(10) / 10**6),
     # o3-mini with 300 reasoning of 700 output: reasoning bills as output ($4.40), input $1.10
-    ("o3-mini", {"prompt_tokens": 400, "completion_tokens": 700, "completion_tokens_details": {"reasoning_tokens": 300}},
+    ("o3-mini",
+     {"prompt_tokens": 400, "completion_tokens": 700, "completion_tokens_details": {"reasoning_tokens": 300}},
      Decimal(400) * Decimal("1.1") / 10**6 + Decimal(700) * Decimal("4.4") / 10**6),
     # relay priced in CNY by the price file: 2 in, 8 out, 0.5 cached per 1M; 1 CNY = 0.14 USD
     ("relay-chat", {"prompt_tokens": 2000, "completion_tokens": 1000, "prompt_tokens_details": {"cached_tokens": 1280}},

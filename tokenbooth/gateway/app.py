@@ -43,6 +43,9 @@ class Gateway:
         self.proxy = proxy
         self.registry = registry
         self.ledger = ledger
+        # Request ids: a random per-process prefix and a counter, unique without a syscall per call.
+        self._id_prefix = os.urandom(7).hex()
+        self._seq = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -79,7 +82,11 @@ class Gateway:
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id")
-        request_id = rid.decode() if rid and _REQUEST_ID.match(rid) else os.urandom(12).hex()
+        if rid and _REQUEST_ID.match(rid):
+            request_id = rid.decode()
+        else:
+            self._seq += 1
+            request_id = f"{self._id_prefix}{self._seq:010x}"
         path: str = scope["path"]
         method: str = scope["method"]
         try:

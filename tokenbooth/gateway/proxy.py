@@ -109,6 +109,8 @@ class Proxy:
         self.meter = meter
         self.prices = prices
         self.session: aiohttp.ClientSession | None = None
+        # Keys are read from their env vars once, at start-up, and live only in these headers.
+        self._auth = {up.name: f"Bearer {key}" for up in router.upstreams if (key := up.api_key())}
         self._timeouts = {
             up.name: aiohttp.ClientTimeout(total=up.timeout.total, sock_connect=up.timeout.connect,
                                            sock_read=up.timeout.read)
@@ -126,9 +128,9 @@ class Proxy:
 
     def upstream_headers(self, up: UpstreamConfig, client: Mapping[bytes, bytes]) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        key = up.api_key()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        auth = self._auth.get(up.name)
+        if auth:
+            headers["Authorization"] = auth
         elif b"authorization" in client:
             headers["Authorization"] = _header_value(client[b"authorization"])
         for name in _FORWARD_REQUEST:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import threading
 from collections.abc import Generator
 
 import uvicorn
@@ -33,6 +35,7 @@ def uvicorn_config(gateway: Gateway, settings: Settings) -> uvicorn.Config:
         http=_fastest("http"),
         lifespan="on",
         access_log=False,
+        proxy_headers=False,  # client addresses are not used; skip the middleware
         log_level="warning",
         server_header=False,
         date_header=False,
@@ -50,11 +53,17 @@ class GatewayServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
-        if self.handle_signals:
-            with super().capture_signals():
-                yield
-        else:
+        # uvicorn re-raises SIGTERM after shutting down, so the process dies of the signal;
+        # a gateway that drained its calls and flushed its ledger has ended well: exit 0.
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
             yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -120,40 +120,48 @@ meta = Table(
 )
 
 
-def row_from_record(rec: CallRecord) -> dict[str, Any]:
-    """The ledger row of a record. Holds no prompt, completion or key."""
+_INSERT_COLUMNS = tuple(str(c.name) for c in calls.columns if c.name != "id")
+
+
+def insert_sql(dialect: Dialect) -> str:
+    """A plain INSERT of one row in the DBAPI's own parameter style, for ``executemany``.
+
+    The writer binds ready-made tuples (see :func:`row_values`) instead of going through
+    SQLAlchemy's per-row type processing, which costs more CPU than the whole proxy path.
+    """
+    mark = "?" if dialect.paramstyle == "qmark" else "%s"
+    return (f"INSERT INTO {calls.name} ({', '.join(_INSERT_COLUMNS)}) "
+            f"VALUES ({', '.join([mark] * len(_INSERT_COLUMNS))})")
+
+
+def row_values(rec: CallRecord, sqlite: bool) -> tuple[Any, ...]:
+    """The ledger row of a record as a tuple in :func:`insert_sql` order, stored as
+    :class:`Money` and SQLAlchemy's SQLite ``DateTime`` would store them."""
     u = rec.usage
     cost = rec.cost
-    return {
-        "request_id": rec.request_id,
-        "started_at": dt.datetime.fromtimestamp(rec.started_at, dt.UTC).replace(tzinfo=None),
-        "provider": rec.provider,
-        "upstream": rec.upstream,
-        "model": rec.model,
-        "served_model": rec.served_model,
-        "operation": rec.operation.value,
-        "streamed": rec.streamed,
-        "outcome": rec.outcome.value,
-        "error_type": rec.error_type.value,
-        "http_status": rec.http_status,
-        "input_tokens": u.input,
-        "output_tokens": u.output,
-        "cached_input_tokens": u.cached_input,
-        "cache_write_tokens": u.cache_write,
-        "reasoning_tokens": u.reasoning,
-        "tokens_estimated": u.estimated,
-        "cost": cost.amount if cost else None,
-        "currency": cost.currency if cost else None,
-        "cost_usd": cost.usd if cost else None,
-        "price_source": cost.source if cost else None,
-        "duration_s": rec.duration_s,
-        "ttft_s": rec.ttft_s,
-        "attempts": rec.attempts,
-        "fallback_path": rec.fallback_path,
-        "session_id": rec.session_id,
-        "tenant": rec.tenant,
-        "key_id": rec.key_id,
-    }
+    started = dt.datetime.fromtimestamp(rec.started_at, dt.UTC).replace(tzinfo=None)
+    if sqlite:
+        when: Any = started.strftime("%Y-%m-%d %H:%M:%S.%f")
+        amount: Any = int((cost.amount * _PICO).to_integral_value()) if cost else None
+        usd: Any = int((cost.usd * _PICO).to_integral_value()) if cost else None
+        streamed: Any = int(rec.streamed)
+        estimated: Any = int(u.estimated)
+    else:
+        when, streamed, estimated = started, rec.streamed, u.estimated
+        amount = cost.amount if cost else None
+        usd = cost.usd if cost else None
+    return (
+        rec.request_id, when, rec.provider, rec.upstream, rec.model, rec.served_model, rec.operation.value,
+        streamed, rec.outcome.value, rec.error_type.value, rec.http_status, u.input, u.output,
+        u.cached_input, u.cache_write, u.reasoning, estimated, amount, cost.currency if cost else None, usd,
+        cost.source if cost else None, rec.duration_s, rec.ttft_s, rec.attempts, rec.fallback_path,
+        rec.session_id, rec.tenant, rec.key_id,
+    )
+
+
+def row_from_record(rec: CallRecord) -> dict[str, Any]:
+    """The ledger row of a record as a column -> value mapping. Holds no prompt, completion or key."""
+    return dict(zip(_INSERT_COLUMNS, row_values(rec, sqlite=False), strict=True))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

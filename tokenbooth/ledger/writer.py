@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, insert
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine
 
 from tokenbooth.catalog import Metrics
-from tokenbooth.ledger.schema import calls, row_from_record
+from tokenbooth.ledger.schema import insert_sql, row_from_record, row_values
 from tokenbooth.record import CallRecord
 
 __all__ = ["LedgerWriter"]
@@ -61,6 +60,8 @@ class LedgerWriter:
         metrics.ledger_queue_depth.set_function(self._queue.qsize)
         self.rows_written = 0
         self.rows_spilled = 0
+        self._sql = insert_sql(engine.dialect)
+        self._sqlite = engine.dialect.name == "sqlite"
 
     def start(self) -> None:
         self._thread.start()
@@ -92,21 +93,21 @@ class LedgerWriter:
             self._drain_and_write()
 
     def _drain_and_write(self) -> None:
-        batch: list[dict[str, Any]] = []
+        batch: list[CallRecord] = []
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if isinstance(item, CallRecord):
-                batch.append(row_from_record(item))
+                batch.append(item)
             elif isinstance(item, _Marker):
                 item.done.set()
         if batch:
             self._write(batch, final=True)
 
     def _run(self) -> None:
-        batch: list[dict[str, Any]] = []
+        batch: list[CallRecord] = []
         markers: list[_Marker] = []
         stop = False
         get = self._queue.get
@@ -130,7 +131,7 @@ class LedgerWriter:
                     markers.append(item)
                     deadline = time.monotonic()  # write what we have now
                     continue
-                batch.append(row_from_record(item))
+                batch.append(item)
                 if deadline is None:
                     deadline = time.monotonic() + self.flush_interval
             if stop:  # take whatever is still queued
@@ -140,7 +141,7 @@ class LedgerWriter:
                     except queue.Empty:
                         break
                     if isinstance(item, CallRecord):
-                        batch.append(row_from_record(item))
+                        batch.append(item)
                     elif isinstance(item, _Marker):
                         markers.append(item)
             if batch:
@@ -150,17 +151,18 @@ class LedgerWriter:
                 marker.done.set()
             markers = []
 
-    def _write(self, batch: list[dict[str, Any]], *, final: bool) -> None:
+    def _write(self, batch: list[CallRecord], *, final: bool) -> None:
         delay = 0.05
         attempt = 0
         done = 0
         while done < len(batch):
             attempt += 1
             chunk = batch[done:done + self.batch_size]
+            sqlite = self._sqlite
             try:
                 with self.engine.begin() as conn:
-                    conn.execute(insert(calls), chunk)
-            except SQLAlchemyError as exc:
+                    conn.exec_driver_sql(self._sql, [row_values(rec, sqlite) for rec in chunk])
+            except Exception as exc:  # a database error, or a row the driver refused
                 reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
                 if final or self._closing.is_set():
                     if attempt < 3:
@@ -178,12 +180,12 @@ class LedgerWriter:
             self._written.inc(len(chunk))
             self.rows_written += len(chunk)
 
-    def _spill(self, batch: list[dict[str, Any]], reason: str) -> None:
+    def _spill(self, batch: list[CallRecord], reason: str) -> None:
         try:
             with self.spill_path.open("ab") as f:
-                for row in batch:
-                    f.write(orjson.dumps(row, default=str) + b"\n")
-        except OSError as exc:
+                for rec in batch:
+                    f.write(orjson.dumps(row_from_record(rec), default=str) + b"\n")
+        except (OSError, TypeError, ValueError) as exc:
             log.error("ledger: %d rows LOST: database failed (%s) and spill file %s failed (%s)",
                       len(batch), reason, self.spill_path, exc)
         else:

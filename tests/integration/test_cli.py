@@ -1,0 +1,192 @@
+"""The CLI end to end: real processes, real sockets, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from tokenbooth.ledger.schema import calls
+
+TB = [sys.executable, "-m", "tokenbooth.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited early: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise AssertionError(f"{url} did not come up")
+
+
+@pytest.fixture
+def sim_url() -> Iterator[str]:
+    proc = subprocess.Popen([*TB, "simulate", "--port", "0", "--seed", "3"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+    assert match, line
+    yield match.group(0)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=10)
+
+
+class Gateway:
+    def __init__(self, tmp: Path, upstream: str) -> None:
+        self.db = tmp / "ledger.db"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENBOOTH_")}
+        self.proc = subprocess.Popen(
+            [*TB, "serve", "--upstream", upstream, "--port", str(self.port), "--db", f"sqlite:///{self.db}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        _wait_http(f"http://127.0.0.1:{self.port}/healthz", self.proc)
+
+    def rows(self) -> list[sa.Row[tuple[str, str]]]:
+        engine = sa.create_engine(f"sqlite:///{self.db}")
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(calls.c.request_id, calls.c.outcome)).all()
+        engine.dispose()
+        return list(rows)
+
+    def stop(self) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=60)
+        return self.proc.returncode, err
+
+
+async def _load(url: str, total: int | None, concurrency: int, stop_after: float | None = None
+                ) -> tuple[list[str], int]:
+    """Send chat calls; returns the request ids of answered (200) calls and the count of failed sends."""
+    answered: list[str] = []
+    failed = 0
+    sent = 0
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
+    deadline = time.monotonic() + stop_after if stop_after else None
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def worker() -> None:
+            nonlocal sent, failed
+            while (total is None or sent < total) and (deadline is None or time.monotonic() < deadline):
+                sent += 1
+                try:
+                    async with session.post(f"{url}/chat/completions", json=body) as resp:
+                        await resp.read()
+                        if resp.status == 200:
+                            answered.append(resp.headers["x-request-id"])
+                        else:
+                            failed += 1
+                except aiohttp.ClientError:
+                    failed += 1
+                    await asyncio.sleep(0.01)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return answered, failed
+
+
+def test_ten_thousand_calls_at_concurrency_64_give_ten_thousand_rows(tmp_path: Path, sim_url: str) -> None:
+    gw = Gateway(tmp_path, sim_url)
+    answered, failed = asyncio.run(_load(gw.url, 10_000, 64))
+    code, err = gw.stop()
+    assert (len(answered), failed) == (10_000, 0)
+    assert code == 0, err
+    rows = gw.rows()
+    assert len(rows) == 10_000
+    assert {r.request_id for r in rows} == set(answered)
+
+
+def test_sigterm_under_load_loses_no_row_of_an_answered_call(tmp_path: Path, sim_url: str) -> None:
+    gw = Gateway(tmp_path, sim_url)
+
+    async def scenario() -> tuple[list[str], int]:
+        load = asyncio.create_task(_load(gw.url, None, 32, stop_after=4.0))
+        await asyncio.sleep(1.5)
+        gw.proc.send_signal(signal.SIGTERM)
+        return await load
+
+    answered, _ = asyncio.run(scenario())
+    code, err = gw.stop()
+    assert code == 0, err
+    assert len(answered) > 100
+    ledger_ids = {r.request_id for r in gw.rows()}
+    missing = set(answered) - ledger_ids
+    assert not missing, f"{len(missing)} answered calls have no ledger row"
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TB, *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve"], "No upstreams configured"),
+        (["serve", "--upstream", "ftp://x"], "Config 'upstreams.0.base_url' has value 'ftp://x'"),
+        (["serve", "--upstream", "http://127.0.0.1:1/v1", "--port", "99999"], "Config 'port' has value 99999"),
+        (["serve", "--config", "/nonexistent.yaml"], "cannot be read"),
+        (["serve", "--upstream", "http://127.0.0.1:1/v1", "--db", "bogus://x"], "cannot be used"),
+        (["report", "--db", "sqlite:////nonexistent/ledger.db"], "No ledger at"),
+        (["report", "--by", "colour"], "invalid choice"),
+        (["prices", "no-such-model-zz"], "No price known for model 'no-such-model-zz'"),
+        (["simulate", "--faults", "418x=0.1"], "unknown fault kind"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_cli_errors_are_one_line_and_nonzero(args: list[str], message: str) -> None:
+    result = _cli(*args)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tokenbooth: error:"), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_prices_shows_the_price_and_its_source(tmp_path: Path) -> None:
+    out = _cli("prices", "gpt-4o", "--provider", "openai")
+    assert out.returncode == 0, out.stderr
+    assert "genai-prices" in out.stdout and "2.5 per 1M" in out.stdout and "1.25 per 1M" in out.stdout
+    f = tmp_path / "p.yaml"
+    f.write_text("models:\n  - model: relay-x\n    currency: CNY\n    input: 2\n    output: 8\n")
+    out = _cli("prices", "relay-x", "--price-file", str(f))
+    assert out.returncode == 0, out.stderr
+    assert "price file" in out.stdout and "CNY" in out.stdout and "8 per 1M" in out.stdout
+
+
+def test_demo_runs_and_reports(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'demo.db'}"
+    out = subprocess.run([*TB, "demo", "--duration", "4", "--port", str(_free_port()), "--db", db],
+                         capture_output=True, text=True, timeout=90, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "/metrics" in out.stdout and "TOTAL" in out.stdout
+    assert "Traceback" not in out.stderr, out.stderr
+    report = _cli("report", "--db", db, "--by", "provider", "--format", "csv")
+    assert report.returncode == 0, report.stderr
+    header, *lines = report.stdout.strip().splitlines()
+    assert header.startswith("provider,requests") and {line.split(",")[0] for line in lines} >= {"openai"}
