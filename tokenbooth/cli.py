@@ -74,7 +74,8 @@ def _parser() -> _Parser:
     pr = sub.add_parser("prices", help="show the price that applies to a model and where it comes from")
     pr.add_argument("model")
     pr.add_argument("--provider", default="", help="provider, e.g. openai, anthropic, deepseek")
-    pr.add_argument("--upstream", default="", help="upstream name, for price-file entries bound to one")
+    pr.add_argument("--upstream", dest="for_upstream", default="",
+                    help="upstream name, for price-file entries bound to one")
     pr.add_argument("--price-file", help="YAML price file")
     pr.add_argument("--config", "-c", help="YAML config file, for its price file and FX rates")
     return p
@@ -181,7 +182,7 @@ def _prices(args: argparse.Namespace) -> None:
     fx = settings.pricing.fx
     local = load_price_file(settings.pricing.price_file, fx) if settings.pricing.price_file else []
     book = PriceBook(local, fx)
-    price = book.lookup(args.model, provider=args.provider, upstream=args.upstream)
+    price = book.lookup(args.model, provider=args.provider, upstream=args.for_upstream)
     if price is None:
         raise ConfigError(
             f"No price known for model '{args.model}'"
