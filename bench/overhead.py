@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--stream", action="store_true", help="also measure streamed calls")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per scenario; medians are reported")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
@@ -118,16 +120,23 @@ def main() -> None:
             scenarios = [("chat", BODY, c) for c in args.concurrency]
             if args.stream:
                 scenarios += [("chat-stream", STREAM_BODY, c) for c in args.concurrency]
-            print(f"# tokenbooth overhead, {args.duration:.0f} s per run, gateway pinned to CPU 0")
+            print(f"# tokenbooth overhead: median of {args.repeat} runs of {args.duration:.0f} s, "
+                  "gateway pinned to CPU 0")
             print("| scenario | conc | direct rps | gateway rps | direct p50 ms | gateway p50 ms | added p50 ms "
                   "| direct p99 ms | gateway p99 ms | added p99 ms | gateway CPU ms/call | errors |")
             print("|---|---|---|---|---|---|---|---|---|---|---|---|")
             for name, body, conc in scenarios:
                 run_wrk(f"{gw_url}/chat/completions", body, conc, 2, tmp)  # warm-up
-                direct = run_wrk(f"{sim_url}/chat/completions", body, conc, args.duration, tmp)
-                before = cpu_seconds(gw.pid)
-                via = run_wrk(f"{gw_url}/chat/completions", body, conc, args.duration, tmp)
-                cpu_ms = (cpu_seconds(gw.pid) - before) * 1000 / via["requests"]
+                runs = []
+                for _ in range(args.repeat):  # interleaved, so drift on a shared machine hits both sides
+                    d = run_wrk(f"{sim_url}/chat/completions", body, conc, args.duration, tmp)
+                    before = cpu_seconds(gw.pid)
+                    v = run_wrk(f"{gw_url}/chat/completions", body, conc, args.duration, tmp)
+                    v["cpu_ms"] = (cpu_seconds(gw.pid) - before) * 1000 / v["requests"]
+                    runs.append((d, v))
+                direct = {k: statistics.median(d[k] for d, _ in runs) for k in runs[0][0]}
+                via = {k: statistics.median(v[k] for _, v in runs) for k in runs[0][1]}
+                cpu_ms = via["cpu_ms"]
                 print(f"| {name} | {conc} | {direct['rps']:.0f} | {via['rps']:.0f} | {direct['p50']:.3f} | "
                       f"{via['p50']:.3f} | {via['p50'] - direct['p50']:.3f} | {direct['p99']:.3f} | "
                       f"{via['p99']:.3f} | {via['p99'] - direct['p99']:.3f} | {cpu_ms:.3f} | "

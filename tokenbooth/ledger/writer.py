@@ -55,6 +55,7 @@ class LedgerWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="tokenbooth-ledger", daemon=True)
         self._closing = threading.Event()
+        self._wake = threading.Event()
         self._written = metrics.ledger_rows.labels("written")
         self._failed = metrics.ledger_rows.labels("failed")
         metrics.ledger_queue_depth.set_function(self._queue.qsize)
@@ -76,6 +77,7 @@ class LedgerWriter:
             return self._queue.empty()
         marker = _Marker()
         self._queue.put(marker)
+        self._wake.set()
         return marker.done.wait(timeout)
 
     def close(self, timeout: float | None = 60.0) -> None:
@@ -85,6 +87,7 @@ class LedgerWriter:
         self._closing.set()
         if self._thread.is_alive():
             self._queue.put(_STOP)
+            self._wake.set()
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.error("ledger writer did not finish within %.0f s; %d rows still queued",
@@ -107,61 +110,48 @@ class LedgerWriter:
             self._write(batch, final=True)
 
     def _run(self) -> None:
-        batch: list[CallRecord] = []
-        markers: list[_Marker] = []
+        # The thread wakes every flush_interval (or at once for flush/close) and drains the queue
+        # in bulk, rather than waking for every row: fewer GIL hand-offs with the event loop.
         stop = False
-        get = self._queue.get
+        limit = self.batch_size * 4
         while not stop:
-            deadline: float | None = None
-            while len(batch) < self.batch_size:
-                if deadline is None:
-                    timeout = None if not markers else 0.0
-                else:
-                    timeout = deadline - time.monotonic()
-                    if timeout <= 0:
-                        break
+            if self._queue.empty():
+                self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            batch: list[CallRecord] = []
+            rows: list[tuple[Any, ...]] = []
+            markers: list[_Marker] = []
+            while len(batch) < limit or stop:
                 try:
-                    item = get(timeout=timeout) if timeout != 0.0 else self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is _STOP:
                     stop = True
-                    break
-                if isinstance(item, _Marker):
+                elif isinstance(item, _Marker):
                     markers.append(item)
-                    deadline = time.monotonic()  # write what we have now
-                    continue
-                batch.append(item)
-                if deadline is None:
-                    deadline = time.monotonic() + self.flush_interval
-            if stop:  # take whatever is still queued
-                while True:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if isinstance(item, CallRecord):
-                        batch.append(item)
-                    elif isinstance(item, _Marker):
-                        markers.append(item)
+                else:
+                    batch.append(item)
+                    rows.append(row_values(item, self._sqlite))
+                    if len(rows) % 64 == 0:
+                        time.sleep(0)  # hand the GIL back to the event loop between slices
             if batch:
-                self._write(batch, final=stop)
-                batch = []
+                self._write(batch, final=stop, rows=rows)
             for marker in markers:
                 marker.done.set()
-            markers = []
 
-    def _write(self, batch: list[CallRecord], *, final: bool) -> None:
+    def _write(self, batch: list[CallRecord], *, final: bool, rows: list[tuple[Any, ...]] | None = None) -> None:
+        if rows is None:
+            rows = [row_values(rec, self._sqlite) for rec in batch]
         delay = 0.05
         attempt = 0
         done = 0
         while done < len(batch):
             attempt += 1
-            chunk = batch[done:done + self.batch_size]
-            sqlite = self._sqlite
+            chunk = rows[done:done + self.batch_size]
             try:
                 with self.engine.begin() as conn:
-                    conn.exec_driver_sql(self._sql, [row_values(rec, sqlite) for rec in chunk])
+                    conn.exec_driver_sql(self._sql, chunk)
             except Exception as exc:  # a database error, or a row the driver refused
                 reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
                 if final or self._closing.is_set():
