@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tokenbooth.errors import ConfigError
 
-__all__ = ["LedgerConfig", "PricingConfig", "Settings", "UpstreamConfig", "load_settings"]
+__all__ = ["LedgerConfig", "PricingConfig", "Settings", "TokensConfig", "UpstreamConfig", "load_settings"]
 
 ENV_PREFIX = "TOKENBOOTH_"
 
@@ -47,6 +47,9 @@ class UpstreamConfig(_Model):
     api_key_env: str | None = None  # the name of the env var holding the key, never the key itself
     models: tuple[str, ...] = ("*",)
     timeout: TimeoutConfig = TimeoutConfig()
+    # Ask for stream usage (stream_options.include_usage) when the client did not; turn off for
+    # OpenAI-compatible servers that reject the option.
+    stream_usage: bool = True
 
     @field_validator("base_url")
     @classmethod
@@ -89,6 +92,13 @@ class PricingConfig(_Model):
         return out
 
 
+class TokensConfig(_Model):
+    """Local token estimates and their reconciliation with reported usage."""
+
+    mismatch_threshold: float = Field(0.2, gt=0)  # a relative difference counted as a mismatch
+    reconcile_sample: float = Field(0.1, ge=0, le=1)  # share of reported calls also estimated
+
+
 class MetricsConfig(_Model):
     """Label policy for metrics."""
 
@@ -104,6 +114,7 @@ class Settings(_Model):
     ledger: LedgerConfig = LedgerConfig()
     pricing: PricingConfig = PricingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    tokens: TokensConfig = TokensConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     graceful_shutdown: float = Field(30.0, ge=0)  # seconds to drain in-flight calls on SIGTERM
 

@@ -100,9 +100,15 @@ class TokenboothError(Exception):
         super().__init__(message)
         self.message = message
 
+    anthropic_type: str = "api_error"
+
     def openai_body(self) -> dict[str, Any]:
         """The error in OpenAI's format: ``{"error": {"message", "type", "param", "code"}}``."""
         return {"error": {"message": self.message, "type": self.openai_type, "param": None, "code": self.code}}
+
+    def anthropic_body(self) -> dict[str, Any]:
+        """The error in Anthropic's format, for ``/v1/messages``: ``{"type": "error", "error": {...}}``."""
+        return {"type": "error", "error": {"type": self.anthropic_type, "message": self.message}}
 
 
 class ConfigError(TokenboothError):
@@ -122,6 +128,7 @@ class RequestError(TokenboothError):
 
     status_code = 400
     openai_type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
 
 
 class InvalidRequest(RequestError):
@@ -142,6 +149,7 @@ class NotFound(RequestError):
 
     status_code = 404
     code = "not_found"
+    anthropic_type = "not_found_error"
 
 
 class MethodNotAllowed(RequestError):
@@ -156,6 +164,7 @@ class ModelNotFound(RequestError):
 
     status_code = 404
     code = "model_not_found"
+    anthropic_type = "not_found_error"
 
     def __init__(self, model: str) -> None:
         super().__init__(f"The model '{model}' does not exist or is not served by this gateway.")
@@ -184,6 +193,7 @@ class UpstreamConnectTimeout(UpstreamError):
     """No connection to the upstream within the connect timeout."""
 
     status_code = 504
+    anthropic_type = "timeout_error"
     error_type = ErrorType.TIMEOUT_CONNECT
     code = "upstream_timeout"
 
@@ -192,6 +202,7 @@ class UpstreamReadTimeout(UpstreamError):
     """The upstream accepted the request but sent nothing within the read timeout."""
 
     status_code = 504
+    anthropic_type = "timeout_error"
     error_type = ErrorType.TIMEOUT_READ
     code = "upstream_timeout"
 

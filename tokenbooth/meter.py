@@ -70,6 +70,9 @@ class Meter:
             self._children[key] = child
         return child
 
+    def _mismatch(self, provider: str, model: str) -> Any:
+        return self.metrics.estimate_mismatch.labels(provider, model)
+
     def record(self, rec: CallRecord) -> None:
         """Count the call in metrics and hand its row to the ledger. Never raises."""
         try:
@@ -125,5 +128,7 @@ class Meter:
             unpriced.inc()
         if rec.streamed and rec.ttft_s is not None:
             ttft.observe(rec.ttft_s)
-            if rec.outcome is Outcome.SUCCESS and u.output > 1:
-                tpot.observe(max(rec.duration_s - rec.ttft_s, 0.0) / (u.output - 1))
+            if rec.tpot_s is not None and rec.outcome is Outcome.SUCCESS:
+                tpot.observe(rec.tpot_s)
+        if rec.tokens_mismatch:
+            self._mismatch(rec.provider, model).inc()

@@ -83,6 +83,8 @@ class CallRecord:
     usage: TokenUsage = field(default=NO_USAGE)
     cost: Cost | None = None  # None: no price known (never silently zero)
     ttft_s: float | None = None
+    tpot_s: float | None = None  # time per output token, first to last content chunk (streams)
+    tokens_mismatch: bool = False  # a local estimate disagreed with the reported usage
     attempts: int = 1
     fallback_path: str | None = None
     session_id: str | None = None

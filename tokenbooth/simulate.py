@@ -1,8 +1,8 @@
 """A simulated OpenAI-compatible upstream, for the demo, the tests and the benchmarks.
 
-Serves ``/v1/chat/completions`` (with SSE streaming), ``/v1/completions``,
-``/v1/embeddings`` and ``/v1/models`` with realistic usage numbers, a latency model
-(time to first token, time per output token, log-normal jitter) and faults:
+Serves ``/v1/chat/completions`` and ``/v1/completions`` (with SSE streaming),
+``/v1/messages`` (Anthropic, streaming too), ``/v1/embeddings`` and ``/v1/models`` with
+realistic usage numbers, a latency model (time to first token, time per output token, log-normal jitter) and faults:
 
 - by rate: ``SimConfig(faults={"429": 0.05, "500": 0.02, "timeout": 0.01})``;
 - by script: ``POST /_sim/script`` with ``{"script": [{"status": 429, "retry_after": 2}, {}]}``
@@ -11,7 +11,8 @@ Serves ``/v1/chat/completions`` (with SSE streaming), ``/v1/completions``,
 
 Fault kinds: an HTTP status (``"429"``, ``"500"``, ``"503"``, ...), ``"timeout"`` (answer
 only after ``timeout_s``), ``"reset"`` (drop the connection), ``"malformed"`` (a 200 with
-a truncated JSON body), ``"break"`` (a stream that stops half way).
+a truncated JSON body), ``"break"`` (a stream whose connection drops half way),
+``"truncate"`` (a stream that ends cleanly half way, with no final event).
 ``GET /_sim/stats`` counts the calls received; ``POST /_sim/reset`` clears counts and script.
 """
 
@@ -29,6 +30,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tokenbooth.tokens import TokenEstimator
+
 __all__ = ["SimConfig", "Simulator", "parse_faults"]
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "o3-mini", "deepseek-chat", "text-embedding-3-small")
@@ -36,7 +39,7 @@ _WORDS = (
     "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "tokens", "flow", "through",
     "the", "gateway", "and", "every", "call", "is", "metered", "priced", "and", "written", "to", "the", "ledger",
 )
-_FAULT_KINDS = {"timeout", "reset", "malformed", "break"}
+_FAULT_KINDS = {"timeout", "reset", "malformed", "break", "truncate"}
 
 
 def parse_faults(spec: str) -> dict[str, float]:
@@ -78,27 +81,6 @@ class SimConfig:
     seed: int | None = None
 
 
-def _usage_tokens(text_len: int) -> int:
-    return max(1, math.ceil(text_len / 4))
-
-
-def _prompt_text(payload: dict[str, Any]) -> str:
-    if "messages" in payload and isinstance(payload["messages"], list):
-        parts = []
-        for m in payload["messages"]:
-            if isinstance(m, dict):
-                c = m.get("content")
-                parts.append(c if isinstance(c, str) else orjson.dumps(c).decode())
-        return " ".join(parts)
-    for key in ("prompt", "input"):
-        v = payload.get(key)
-        if isinstance(v, str):
-            return v
-        if isinstance(v, list):
-            return " ".join(x if isinstance(x, str) else " " * 4 * len(x) for x in v)
-    return ""
-
-
 class Simulator:
     """The simulated upstream as an aiohttp application. ``await sim.start()`` serves it."""
 
@@ -109,11 +91,14 @@ class Simulator:
         self.stats: Counter[str] = Counter()
         self.open_streams = 0
         self.client_disconnects = 0
+        self.first_content_sent: list[float] = []  # perf_counter() when each stream's first content left
+        self.estimator = TokenEstimator()
         self.app = web.Application()
         self.app.add_routes([
             web.post("/v1/chat/completions", self.chat),
             web.post("/v1/completions", self.completions),
             web.post("/v1/embeddings", self.embeddings),
+            web.post("/v1/messages", self.messages),
             web.get("/v1/models", self.models),
             web.post("/_sim/script", self.set_script),
             web.get("/_sim/stats", self.get_stats),
@@ -179,15 +164,21 @@ class Simulator:
         factor = math.exp(self.rng.gauss(0, self.config.jitter)) if self.config.jitter else 1.0
         return median_ms * factor / 1000
 
-    async def _fault(self, request: web.Request, action: dict[str, Any]) -> web.StreamResponse | None:
+    async def _fault(self, request: web.Request, action: dict[str, Any], api: str = "openai"
+                     ) -> web.StreamResponse | None:
         status = action.get("status")
         if status:
             headers = {}
             if status == 429:
                 headers["Retry-After"] = str(action.get("retry_after", self.config.retry_after))
+            message = action.get("message", f"simulated {status}")
+            if api == "anthropic":
+                kind = {429: "rate_limit_error", 529: "overloaded_error", 401: "authentication_error",
+                        400: "invalid_request_error"}.get(status, "api_error")
+                return web.json_response({"type": "error", "error": {"type": kind, "message": message}},
+                                         status=status, headers=headers)
             kind = "rate_limit_exceeded" if status == 429 else "server_error"
-            body = {"error": {"message": action.get("message", f"simulated {status}"), "type": kind,
-                              "param": None, "code": action.get("code", kind)}}
+            body = {"error": {"message": message, "type": kind, "param": None, "code": action.get("code", kind)}}
             return web.json_response(body, status=status, headers=headers)
         fault = action.get("fault")
         if fault == "timeout":
@@ -200,72 +191,108 @@ class Simulator:
             return web.Response(body=b'{"id": "chatcmpl-sim", "choices": [', content_type="application/json")
         return None
 
-    def _usage(self, payload: dict[str, Any], action: dict[str, Any], completion: int) -> dict[str, Any]:
+    def _words(self, payload: dict[str, Any], action: dict[str, Any]) -> list[str]:
+        fixed = action.get("usage")
+        n = None
+        if isinstance(fixed, dict):
+            n = fixed.get("completion_tokens", fixed.get("output_tokens"))
+        if not isinstance(n, int) or n < 1:
+            limit = payload.get("max_tokens") or payload.get("max_completion_tokens")
+            lo, hi = self.config.output_tokens
+            n = self.rng.randint(lo, hi)
+            if isinstance(limit, int) and limit > 0:
+                n = min(n, limit)
+        return [("" if i == 0 else " ") + _WORDS[i % len(_WORDS)] for i in range(n)]
+
+    def _usage(self, payload: dict[str, Any], action: dict[str, Any], model: str, text: str,
+               api: str) -> dict[str, Any]:
+        """Usage as the real API would report it; counted with the gateway's own estimator,
+        so an honest upstream reconciles. A scripted ``usage`` is reported as given."""
         fixed = action.get("usage")
         if isinstance(fixed, dict):
             return fixed
-        prompt = _usage_tokens(len(_prompt_text(payload))) + 3 * len(payload.get("messages") or ())
-        usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                                 "total_tokens": prompt + completion}
+        prompt = self.estimator.prompt(model, payload)
+        visible = self.estimator.count(model, text)
         cached = (prompt // 2) // 128 * 128 if prompt >= 1024 else 0
-        usage["prompt_tokens_details"] = {"cached_tokens": cached}
-        model = str(payload.get("model", ""))
-        reasoning = completion // 2 if model[:1] == "o" and model[1:2].isdigit() else 0
-        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
-        return usage
+        if api == "anthropic":
+            return {"input_tokens": prompt - cached, "cache_creation_input_tokens": 0,
+                    "cache_read_input_tokens": cached, "output_tokens": visible}
+        reasoning = visible // 2 if model[:1] == "o" and model[1:2].isdigit() else 0  # hidden, billed as output
+        return {"prompt_tokens": prompt, "completion_tokens": visible + reasoning,
+                "total_tokens": prompt + visible + reasoning,
+                "prompt_tokens_details": {"cached_tokens": cached},
+                "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
-    def _completion_tokens(self, payload: dict[str, Any], action: dict[str, Any]) -> int:
-        fixed = action.get("usage")
-        if isinstance(fixed, dict) and isinstance(fixed.get("completion_tokens"), int):
-            return max(1, int(fixed["completion_tokens"]))
-        limit = payload.get("max_tokens") or payload.get("max_completion_tokens")
-        lo, hi = self.config.output_tokens
-        n = self.rng.randint(lo, hi)
-        return min(n, limit) if isinstance(limit, int) and limit > 0 else n
-
-    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, api: str) -> web.StreamResponse:
+        """chat / completions (OpenAI) or messages (Anthropic)."""
         self.stats[request.path] += 1
         try:
             payload = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
             return web.json_response({"error": {"message": "invalid JSON", "type": "invalid_request_error"}},
                                      status=400)
+        flavour = "anthropic" if api == "messages" else "openai"
         action = self._action()
-        faulted = await self._fault(request, action)
+        faulted = await self._fault(request, action, flavour)
         if faulted is not None:
             return faulted
-        model = payload.get("model", "gpt-4o-mini")
-        n = self._completion_tokens(payload, action)
-        usage = self._usage(payload, action, n)
-        created = int(time.time())
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-sim{self.rng.getrandbits(48):012x}"
+        model = str(payload.get("model", "gpt-4o-mini"))
+        words = self._words(payload, action)
+        usage = self._usage(payload, action, model, "".join(words), flavour)
         if payload.get("stream"):
-            return await self._stream(request, payload, action, chat, rid, created, model, n, usage)
+            return await self._stream(request, payload, action, api, model, words, usage)
         delay = self._delay(self.config.ttft_ms)
-        delay += sum(self._delay(self.config.token_ms) for _ in range(n - 1))
+        delay += sum(self._delay(self.config.token_ms) for _ in range(len(words) - 1))
         if delay:
             await asyncio.sleep(delay)
-        text = " ".join(_WORDS[i % len(_WORDS)] for i in range(n))
-        if chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": "stop", "logprobs": None}
-            obj = "chat.completion"
+        text = "".join(words)
+        rid = self._id(api)
+        created = int(time.time())
+        body: dict[str, Any]
+        if api == "messages":
+            body = {"id": rid, "type": "message", "role": "assistant", "model": model,
+                    "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                    "stop_sequence": None, "usage": usage}
+        elif api == "chat":
+            body = {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": "stop", "logprobs": None}], "usage": usage}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
-            obj = "text_completion"
-        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
-                "usage": usage}
+            body = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+                    "usage": usage}
         return web.Response(body=orjson.dumps(body), content_type="application/json",
                             headers={"x-request-id": rid})
 
-    async def _stream(self, request: web.Request, payload: dict[str, Any], action: dict[str, Any],
-                      chat: bool, rid: str, created: int, model: str, n: int,
-                      usage: dict[str, Any]) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "x-request-id": rid})
+    def _id(self, api: str) -> str:
+        prefix = {"chat": "chatcmpl", "completions": "cmpl", "messages": "msg"}[api]
+        return f"{prefix}-sim{self.rng.getrandbits(48):012x}"
+
+    def _events(self, payload: dict[str, Any], api: str, model: str, words: list[str],
+                usage: dict[str, Any]) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        """The stream's events: before the content, one per word, after the content."""
+        rid = self._id(api)
+        if api == "messages":
+            def ev(kind: str, data: dict[str, Any]) -> bytes:
+                return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **data}) + b"\n\n"
+
+            start_usage = {**{k: v for k, v in usage.items() if k != "output_tokens"}, "output_tokens": 1}
+            head = [ev("message_start", {"message": {"id": rid, "type": "message", "role": "assistant",
+                                                     "model": model, "content": [], "stop_reason": None,
+                                                     "stop_sequence": None, "usage": start_usage}}),
+                    ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+                    ev("ping", {})]
+            body = [ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": w}})
+                    for w in words]
+            tail = [ev("content_block_stop", {"index": 0}),
+                    ev("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                         "usage": {"output_tokens": usage.get("output_tokens", len(words))}}),
+                    ev("message_stop", {})]
+            return head, body, tail
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+        created = int(time.time())
+        chat = api == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
-        stop_at = n // 2 if action.get("fault") == "break" else None
 
         def chunk(choices: list[dict[str, Any]], with_usage: Any = None) -> bytes:
             event: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model,
@@ -274,32 +301,45 @@ class Simulator:
                 event["usage"] = with_usage
             return b"data: " + orjson.dumps(event) + b"\n\n"
 
+        head = [chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])] \
+            if chat else []
+        body = [chunk([{"index": 0, "delta": {"content": w}, "finish_reason": None} if chat else
+                       {"index": 0, "text": w, "finish_reason": None}]) for w in words]
+        tail = [chunk([{"index": 0, "delta": {}, "finish_reason": "stop"} if chat else
+                       {"index": 0, "text": "", "finish_reason": "stop"}])]
+        if include_usage:
+            tail.append(chunk([], usage))
+        tail.append(b"data: [DONE]\n\n")
+        return head, body, tail
+
+    async def _stream(self, request: web.Request, payload: dict[str, Any], action: dict[str, Any], api: str,
+                      model: str, words: list[str], usage: dict[str, Any]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        head, body, tail = self._events(payload, api, model, words, usage)
+        fault = action.get("fault")
+        stop_at = len(body) // 2 if fault in ("break", "truncate") else None
         self.open_streams += 1
         try:
             await resp.prepare(request)
+            for event in head:
+                await resp.write(event)
             await asyncio.sleep(self._delay(self.config.ttft_ms))
-            if chat:
-                await resp.write(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": None}]))
-            for i in range(n):
+            for i, event in enumerate(body):
                 if i:
                     delay = self._delay(self.config.token_ms)
                     if delay:
                         await asyncio.sleep(delay)
                 if stop_at is not None and i == stop_at:
-                    if request.transport is not None:
+                    if fault == "truncate":  # a clean end of the body, but not of the stream
+                        await resp.write_eof()
+                    elif request.transport is not None:
                         request.transport.abort()
                     return resp
-                word = ("" if i == 0 else " ") + _WORDS[i % len(_WORDS)]
-                piece = {"index": 0, "delta": {"content": word}, "finish_reason": None} if chat else \
-                    {"index": 0, "text": word, "finish_reason": None}
-                await resp.write(chunk([piece]))
-            end = {"index": 0, "delta": {}, "finish_reason": "stop"} if chat else \
-                {"index": 0, "text": "", "finish_reason": "stop"}
-            await resp.write(chunk([end]))
-            if include_usage:
-                await resp.write(chunk([], usage))
-            await resp.write(b"data: [DONE]\n\n")
+                await resp.write(event)
+                if i == 0:
+                    self.first_content_sent.append(time.perf_counter())
+            for event in tail:
+                await resp.write(event)
             await resp.write_eof()
         except ConnectionResetError:  # the client hung up: that is its right
             self.client_disconnects += 1
@@ -308,10 +348,13 @@ class Simulator:
         return resp
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=True)
+        return await self._generate(request, "chat")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=False)
+        return await self._generate(request, "completions")
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "messages")
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         self.stats[request.path] += 1
@@ -327,7 +370,7 @@ class Simulator:
                                                                     for _ in range(dim)]}
                 for i in range(len(items))]
         fixed = action.get("usage")
-        tokens = sum(_usage_tokens(len(x)) if isinstance(x, str) else len(x or ()) for x in items)
+        tokens = self.estimator.prompt(str(payload.get("model", "")), payload)
         usage = fixed if isinstance(fixed, dict) else {"prompt_tokens": tokens, "total_tokens": tokens}
         body = {"object": "list", "data": data, "model": payload.get("model"), "usage": usage}
         return web.Response(body=orjson.dumps(body), content_type="application/json")

@@ -1,12 +1,22 @@
-"""Token usage as the upstreams report it, normalised to :class:`TokenUsage`."""
+"""Token accounting: usage as the upstreams report it, and local estimates when they do not.
+
+Reported usage always wins. An estimate fills in when there is none (a stream the client
+hung up on, an upstream that omits usage) and is marked ``estimated``. Estimates use the
+exact BPE tokenizer of OpenAI model families, bundled offline by ``bpe-openai`` (tiktoken
+would download its vocabularies at first use), and a CJK-aware heuristic for the rest.
+"""
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 from tokenbooth.record import TokenUsage
 
-__all__ = ["usage_from_openai"]
+__all__ = ["TokenEstimator", "differs", "usage_from_anthropic", "usage_from_openai"]
 
 
 def _int(value: Any) -> int:
@@ -49,3 +59,134 @@ def usage_from_openai(usage: Any) -> TokenUsage | None:
         cached_input=min(cached, prompt),
         reasoning=min(reasoning, completion),
     )
+
+
+def usage_from_anthropic(usage: Any) -> TokenUsage | None:
+    """Read an Anthropic ``usage`` object.
+
+    Anthropic's ``input_tokens`` leaves out cache reads and writes; tokenbooth's input is
+    the total, so the three are added and the cache parts kept as their own kinds.
+
+    >>> usage_from_anthropic({"input_tokens": 10, "output_tokens": 5,
+    ...                       "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20})
+    TokenUsage(input=130, output=5, cached_input=100, cache_write=20, reasoning=0, estimated=False)
+    """
+    if not isinstance(usage, dict):
+        return None
+    uncached = _int(usage.get("input_tokens"))
+    read = _int(usage.get("cache_read_input_tokens"))
+    write = _int(usage.get("cache_creation_input_tokens"))
+    output = _int(usage.get("output_tokens"))
+    if not (uncached or read or write or output):
+        return None
+    return TokenUsage(input=uncached + read + write, output=output, cached_input=read, cache_write=write)
+
+
+def differs(reported: int, estimated: int, threshold: float) -> bool:
+    """True when an estimate is off from the reported count by more than ``threshold`` (a ratio)."""
+    if reported == estimated:
+        return False
+    return abs(reported - estimated) > threshold * max(reported, 1)
+
+
+_O200K_PREFIXES = ("gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "gpt-oss", "o1", "o3", "o4")
+_CL100K_PREFIXES = ("gpt-4", "gpt-3.5", "gpt-35", "text-embedding-3", "text-embedding-ada-002")
+
+
+def _is_cjk(ch: str) -> bool:
+    o = ord(ch)
+    return (0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0x3040 <= o <= 0x30FF
+            or 0xAC00 <= o <= 0xD7AF or 0xF900 <= o <= 0xFAFF or 0x20000 <= o <= 0x2FA1F)
+
+
+def heuristic_tokens(text: str) -> int:
+    """A tokenizer-free estimate: about one token per CJK character, one per four other characters.
+
+    >>> heuristic_tokens("hello world!"), heuristic_tokens("你好，世界")
+    (3, 5)
+    """
+    if not text:
+        return 0
+    cjk = sum(1 for ch in text if ch >= "\u3040" and _is_cjk(ch))
+    return cjk + math.ceil((len(text) - cjk) / 4)
+
+
+@lru_cache(maxsize=4)
+def _encoding(name: str) -> Any:
+    with warnings.catch_warnings():
+        # bpe-openai 0.1.x reads its bundled data through a deprecated importlib.resources call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import bpe_openai
+
+        return bpe_openai.get_encoding(name)
+
+
+def _flatten(content: Any) -> str:
+    """The text of a message's content: a string, or a list of parts with ``text``."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(_flatten(part.get("text") if isinstance(part, dict) else part) for part in content)
+    return ""
+
+
+class TokenEstimator:
+    """Counts tokens locally. ``count(model, text)`` picks the model family's tokenizer."""
+
+    def __init__(self) -> None:
+        self._by_model: dict[str, Callable[[str], int]] = {}
+
+    def warm(self) -> None:
+        """Load the bundled vocabularies now rather than on the first estimate."""
+        _encoding("o200k_base")
+        _encoding("cl100k_base")
+
+    def counter(self, model: str) -> Callable[[str], int]:
+        hit = self._by_model.get(model)
+        if hit is not None:
+            return hit
+        name = model.rsplit("/", 1)[-1].lower()
+        encoding = None
+        if name.startswith(_O200K_PREFIXES):
+            encoding = "o200k_base"
+        elif name.startswith(_CL100K_PREFIXES):
+            encoding = "cl100k_base"
+        if encoding is None:
+            fn: Callable[[str], int] = heuristic_tokens
+        else:
+            enc = _encoding(encoding)
+
+            def fn(text: str) -> int:
+                return len(enc.encode_ordinary(text)) if text else 0
+
+        if len(self._by_model) < 4096:
+            self._by_model[model] = fn
+        return fn
+
+    def count(self, model: str, text: str) -> int:
+        return self.counter(model)(text)
+
+    def prompt(self, model: str, payload: dict[str, Any]) -> int:
+        """Estimate the input tokens of a request body (chat, completions, embeddings, messages).
+
+        Chat adds OpenAI's framing: 3 tokens per message and 3 to prime the reply.
+        """
+        count = self.counter(model)
+        messages = payload.get("messages")
+        if isinstance(messages, list):
+            total = 3
+            system = payload.get("system")  # Anthropic's system prompt is outside the messages
+            if system:
+                total += count(_flatten(system))
+            for m in messages:
+                if isinstance(m, dict):
+                    total += 3 + count(_flatten(m.get("content")))
+            return total
+        for key in ("prompt", "input"):
+            value = payload.get(key)
+            if isinstance(value, str):
+                return count(value)
+            if isinstance(value, list):
+                return sum(count(v) if isinstance(v, str) else len(v) if isinstance(v, list) else 1
+                           for v in value)
+        return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from typing import Any
 
 import orjson
@@ -25,6 +26,7 @@ from tokenbooth.ledger.schema import connect
 from tokenbooth.ledger.writer import LedgerWriter
 from tokenbooth.meter import Meter, ModelLabels
 from tokenbooth.pricing import PriceBook, load_price_file
+from tokenbooth.tokens import TokenEstimator
 
 __all__ = ["Gateway", "build_gateway"]
 
@@ -80,6 +82,7 @@ class Gateway:
                 return
 
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        arrived = time.perf_counter()
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id")
         if rid and _REQUEST_ID.match(rid):
@@ -95,7 +98,7 @@ class Gateway:
                 if method != "POST":
                     raise MethodNotAllowed(f"Use POST for {path}.")
                 body = await _read_body(receive)
-                await self.proxy.handle(endpoint, body, headers, request_id, send, receive)
+                await self.proxy.handle(endpoint, body, headers, request_id, send, receive, arrived)
             elif method not in ("GET", "HEAD"):
                 raise NotFound(f"Unknown request URL: {method} {path}.")
             elif path == "/metrics":
@@ -107,9 +110,10 @@ class Gateway:
             else:
                 raise NotFound(f"Unknown request URL: {method} {path}.")
         except TokenboothError as exc:
-            await self._render_error(send, exc, request_id)
+            await self._render_error(send, exc, request_id, anthropic=path == "/v1/messages")
 
-    async def _render_error(self, send: Send, exc: TokenboothError, request_id: str) -> None:
+    async def _render_error(self, send: Send, exc: TokenboothError, request_id: str, *,
+                            anthropic: bool = False) -> None:
         rid = (b"x-request-id", request_id.encode())
         if isinstance(exc, UpstreamStatusError):
             # The upstream's own error, passed through as it was.
@@ -120,7 +124,8 @@ class Gateway:
         if exc.status_code >= 500:
             log.warning("request %s failed: %s", request_id, exc.message)
         await send({"type": "http.response.start", "status": exc.status_code, "headers": [_JSON, rid]})
-        await send({"type": "http.response.body", "body": orjson.dumps(exc.openai_body())})
+        body = exc.anthropic_body() if anthropic else exc.openai_body()
+        await send({"type": "http.response.body", "body": orjson.dumps(body)})
 
     async def _models(self, send: Send, headers: dict[bytes, bytes]) -> None:
         router = self.proxy.router
@@ -183,4 +188,6 @@ def build_gateway(settings: Settings, registry: CollectorRegistry | None = None)
         ledger = LedgerWriter(connect(settings.ledger.url), metrics, batch_size=settings.ledger.batch_size,
                               flush_interval=settings.ledger.flush_interval)
     meter = Meter(metrics, ModelLabels(known), ledger)
-    return Gateway(settings, Proxy(router, meter, prices), registry, ledger)
+    estimator = TokenEstimator()
+    estimator.warm()
+    return Gateway(settings, Proxy(router, meter, prices, settings.tokens, estimator), registry, ledger)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import orjson
 
-from tokenbooth.config import UpstreamConfig
+from tokenbooth.config import TokensConfig, UpstreamConfig
 from tokenbooth.errors import (
     ErrorType,
     InvalidRequest,
@@ -23,12 +24,12 @@ from tokenbooth.errors import (
     UpstreamReadTimeout,
     UpstreamStatusError,
 )
-from tokenbooth.gateway.streaming import SSEMeter
+from tokenbooth.gateway.streaming import AnthropicStream, OpenAIStream, StreamFollower
 from tokenbooth.gateway.upstreams import Router
 from tokenbooth.meter import Meter
 from tokenbooth.pricing import PriceBook
 from tokenbooth.record import NO_USAGE, CallRecord, Operation, Outcome, TokenUsage
-from tokenbooth.tokens import usage_from_openai
+from tokenbooth.tokens import TokenEstimator, differs, usage_from_anthropic, usage_from_openai
 
 __all__ = ["ENDPOINTS", "Endpoint", "Proxy", "translate_client_error"]
 
@@ -36,30 +37,37 @@ log = logging.getLogger("tokenbooth.gateway")
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
+Format = Literal["openai", "anthropic"]
 
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One proxied API route: what it is, where it goes upstream, which field it needs."""
+    """One proxied API route: what it is, where it goes upstream, which field it needs, which API."""
 
     operation: Operation
     upstream_path: str
     required: str
+    fmt: Format = "openai"
 
 
 ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": Endpoint(Operation.CHAT, "/chat/completions", "messages"),
     "/v1/completions": Endpoint(Operation.TEXT_COMPLETION, "/completions", "prompt"),
     "/v1/embeddings": Endpoint(Operation.EMBEDDINGS, "/embeddings", "input"),
+    "/v1/messages": Endpoint(Operation.CHAT, "/messages", "messages", "anthropic"),
 }
 
 # Request headers passed to the upstream besides authorization and content type.
-_FORWARD_REQUEST = frozenset({b"openai-organization", b"openai-project", b"openai-beta", b"accept-language"})
+_FORWARD_REQUEST = frozenset({b"openai-organization", b"openai-project", b"openai-beta", b"accept-language",
+                              b"anthropic-version", b"anthropic-beta"})
 # Response headers passed back to the client.
 _FORWARD_RESPONSE = frozenset({
     "retry-after", "retry-after-ms", "openai-model", "openai-processing-ms", "openai-version",
     "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
     "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens",
+    "anthropic-ratelimit-requests-limit", "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-limit",
+    "anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset", "request-id",
 })
 
 
@@ -87,35 +95,56 @@ def _header_value(value: bytes) -> str:
     return value.decode("latin-1")
 
 
+def _response_text(parsed: dict[str, Any], fmt: Format) -> str:
+    """The generated text of a non-streamed response, for a local token estimate."""
+    if fmt == "anthropic":
+        return "".join(b.get("text", "") for b in parsed.get("content") or () if isinstance(b, dict))
+    parts = []
+    for choice in parsed.get("choices") or ():
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else choice.get("text")
+            if isinstance(text, str):
+                parts.append(text)
+    return "".join(parts)
+
+
 class _Call:
     """What is known about one call so far; becomes a CallRecord at the end."""
 
-    __slots__ = ("error_type", "outcome", "served_model", "status", "ttft", "usage")
+    __slots__ = ("error_type", "last_token", "outcome", "output_text", "reported", "served_model", "status",
+                 "ttft")
 
     def __init__(self) -> None:
         self.outcome = Outcome.ERROR
         self.error_type = ErrorType.NONE
         self.status: int | None = None
-        self.usage: TokenUsage | None = None
+        self.reported: TokenUsage | None = None  # usage as the upstream reported it
+        self.output_text: str | None = None  # what was generated, when known, for estimates
         self.served_model: str | None = None
         self.ttft: float | None = None
+        self.last_token: float | None = None
 
 
 class Proxy:
     """Sends client calls to upstreams and meters every one of them."""
 
-    def __init__(self, router: Router, meter: Meter, prices: PriceBook) -> None:
+    def __init__(self, router: Router, meter: Meter, prices: PriceBook,
+                 tokens: TokensConfig | None = None, estimator: TokenEstimator | None = None) -> None:
         self.router = router
         self.meter = meter
         self.prices = prices
+        self.tokens = tokens or TokensConfig()
+        self.estimator = estimator or TokenEstimator()
         self.session: aiohttp.ClientSession | None = None
-        # Keys are read from their env vars once, at start-up, and live only in these headers.
-        self._auth = {up.name: f"Bearer {key}" for up in router.upstreams if (key := up.api_key())}
         self._timeouts = {
             up.name: aiohttp.ClientTimeout(total=up.timeout.total, sock_connect=up.timeout.connect,
                                            sock_read=up.timeout.read)
             for up in router.upstreams
         }
+        # Keys are read from their env vars once, at start-up, and live only in these headers.
+        self._keys = {up.name: key for up in router.upstreams if (key := up.api_key())}
+        self._rng = random.Random()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
@@ -126,21 +155,29 @@ class Proxy:
         if self.session is not None:
             await self.session.close()
 
-    def upstream_headers(self, up: UpstreamConfig, client: Mapping[bytes, bytes]) -> dict[str, str]:
+    def upstream_headers(self, up: UpstreamConfig, client: Mapping[bytes, bytes],
+                         fmt: Format = "openai") -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        auth = self._auth.get(up.name)
-        if auth:
-            headers["Authorization"] = auth
-        elif b"authorization" in client:
-            headers["Authorization"] = _header_value(client[b"authorization"])
+        key = self._keys.get(up.name)
+        if key:
+            if fmt == "anthropic":
+                headers["x-api-key"] = key
+            else:
+                headers["Authorization"] = f"Bearer {key}"
+        else:
+            if b"authorization" in client:
+                headers["Authorization"] = _header_value(client[b"authorization"])
+            if b"x-api-key" in client:
+                headers["x-api-key"] = _header_value(client[b"x-api-key"])
         for name in _FORWARD_REQUEST:
             if name in client:
                 headers[name.decode()] = _header_value(client[name])
         return headers
 
     async def handle(self, ep: Endpoint, body: bytes, client_headers: Mapping[bytes, bytes],
-                     request_id: str, send: Send, receive: Receive) -> None:
+                     request_id: str, send: Send, receive: Receive, arrived: float | None = None) -> None:
         """Serve one API call; raises a TokenboothError before the response starts on failure."""
+        t0 = arrived if arrived is not None else time.perf_counter()
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -159,13 +196,23 @@ class Proxy:
         session_id = client_headers.get(b"x-tokenbooth-session")
         assert self.session is not None, "Proxy.start() was not awaited"
 
+        strip_usage = False
+        if stream and ep.fmt == "openai" and ep.operation is not Operation.EMBEDDINGS and up.stream_usage:
+            options = payload.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage")):
+                # Ask for usage on the client's behalf; what this adds is removed on the way back.
+                payload["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                             "include_usage": True}
+                body = orjson.dumps(payload)
+                strip_usage = True
+
         call = _Call()
         started_at = time.time()
-        t0 = time.perf_counter()
         in_flight = self.meter.in_flight(up.provider, model)
         in_flight.inc()
         try:
-            await self._forward(up, ep, body, client_headers, request_id, stream, call, t0, send, receive)
+            await self._forward(up, ep, body, client_headers, request_id, stream, strip_usage, call, t0,
+                                send, receive)
         except UpstreamError as exc:
             call.error_type = exc.error_type
             if isinstance(exc, UpstreamStatusError):
@@ -173,36 +220,77 @@ class Proxy:
             raise
         finally:
             in_flight.dec()
-            duration = time.perf_counter() - t0
-            usage = call.usage or NO_USAGE
-            cost = self.prices.cost(model, usage, provider=up.provider, upstream=up.name,
-                                    served_model=call.served_model, at=started_at)
-            self.meter.record(CallRecord(
-                request_id=request_id,
-                started_at=started_at,
-                provider=up.provider,
-                upstream=up.name,
-                model=model,
-                operation=ep.operation,
-                outcome=call.outcome,
-                duration_s=duration,
-                served_model=call.served_model,
-                error_type=call.error_type,
-                http_status=call.status,
-                streamed=stream,
-                usage=usage,
-                cost=cost,
-                ttft_s=call.ttft,
-                session_id=session_id.decode("latin-1")[:128] if session_id else None,
-            ))
+            self._record(call, ep, up, model, payload, request_id, started_at, time.perf_counter() - t0,
+                         stream, session_id)
+
+    def _usage(self, call: _Call, model: str, payload: dict[str, Any]) -> tuple[TokenUsage, bool]:
+        """The usage to record, and whether it disagrees with a local estimate.
+
+        Reported usage of a finished call wins. Without it, or for a call cut short, the
+        tokens are estimated (the parts the upstream did report are kept) and marked so.
+        """
+        reported = call.reported
+        complete = call.outcome is Outcome.SUCCESS
+        if reported is not None and complete:
+            sample = self.tokens.reconcile_sample
+            if call.output_text is None or sample <= 0 or (sample < 1 and self._rng.random() >= sample):
+                return reported, False
+            est_in = self.estimator.prompt(model, payload)
+            est_out = self.estimator.count(model, call.output_text)
+            threshold = self.tokens.mismatch_threshold
+            mismatch = differs(reported.input, est_in, threshold) or \
+                differs(reported.output - reported.reasoning, est_out, threshold)
+            return reported, mismatch
+        if call.output_text is None and reported is None:
+            return NO_USAGE, False  # nothing was generated: an error before any output
+        est_out = self.estimator.count(model, call.output_text or "")
+        if reported is not None:
+            return TokenUsage(input=reported.input, output=max(reported.output, est_out),
+                              cached_input=reported.cached_input, cache_write=reported.cache_write,
+                              reasoning=reported.reasoning, estimated=True), False
+        return TokenUsage(input=self.estimator.prompt(model, payload), output=est_out, estimated=True), False
+
+    def _record(self, call: _Call, ep: Endpoint, up: UpstreamConfig, model: str, payload: dict[str, Any],
+                request_id: str, started_at: float, duration: float, stream: bool,
+                session_id: bytes | None) -> None:
+        try:
+            usage, mismatch = self._usage(call, model, payload)
+        except Exception:  # an estimate must never break the call's record
+            log.exception("token estimate failed for request %s", request_id)
+            usage, mismatch = call.reported or NO_USAGE, False
+        cost = self.prices.cost(model, usage, provider=up.provider, upstream=up.name,
+                                served_model=call.served_model, at=started_at)
+        tpot = None
+        if call.ttft is not None and call.last_token is not None and usage.output > 1:
+            tpot = (call.last_token - call.ttft) / (usage.output - 1)
+        self.meter.record(CallRecord(
+            request_id=request_id,
+            started_at=started_at,
+            provider=up.provider,
+            upstream=up.name,
+            model=model,
+            operation=ep.operation,
+            outcome=call.outcome,
+            duration_s=duration,
+            served_model=call.served_model,
+            error_type=call.error_type,
+            http_status=call.status,
+            streamed=stream,
+            usage=usage,
+            cost=cost,
+            ttft_s=call.ttft,
+            tpot_s=tpot,
+            tokens_mismatch=mismatch,
+            session_id=session_id.decode("latin-1")[:128] if session_id else None,
+        ))
 
     async def _forward(self, up: UpstreamConfig, ep: Endpoint, body: bytes,
                        client_headers: Mapping[bytes, bytes], request_id: str, stream: bool,
-                       call: _Call, t0: float, send: Send, receive: Receive) -> None:
+                       strip_usage: bool, call: _Call, t0: float, send: Send, receive: Receive) -> None:
         assert self.session is not None
         try:
             resp = await self.session.post(up.base_url + ep.upstream_path, data=body,
-                                           headers=self.upstream_headers(up, client_headers),
+                                           headers=self.upstream_headers(up, client_headers, ep.fmt),
                                            timeout=self._timeouts[up.name])
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise translate_client_error(exc, up.name) from exc
@@ -210,7 +298,9 @@ class Proxy:
             call.status = resp.status
             content_type = resp.headers.get("Content-Type", "application/json")
             if stream and resp.status == 200 and content_type.startswith("text/event-stream"):
-                await self._stream(up, resp, request_id, call, t0, send, receive)
+                follower: StreamFollower = AnthropicStream() if ep.fmt == "anthropic" else \
+                    OpenAIStream(strip_usage)
+                await self._stream(up, ep, resp, follower, request_id, call, t0, send, receive)
                 return
             try:
                 data = await resp.read()
@@ -227,7 +317,11 @@ class Proxy:
             if not isinstance(parsed, dict):
                 raise UpstreamInvalidResponse(f"upstream '{up.name}' answered with an unexpected body",
                                               up.name)
-            call.usage = usage_from_openai(parsed.get("usage"))
+            if ep.fmt == "anthropic":
+                call.reported = usage_from_anthropic(parsed.get("usage"))
+            else:
+                call.reported = usage_from_openai(parsed.get("usage"))
+            call.output_text = _response_text(parsed, ep.fmt) if ep.operation is not Operation.EMBEDDINGS else ""
             served = parsed.get("model")
             call.served_model = served if isinstance(served, str) else None
             call.outcome = Outcome.SUCCESS
@@ -248,10 +342,14 @@ class Proxy:
                 headers.append((b"x-upstream-request-id", value.encode("latin-1")))
         return headers
 
-    async def _stream(self, up: UpstreamConfig, resp: aiohttp.ClientResponse, request_id: str,
-                      call: _Call, t0: float, send: Send, receive: Receive) -> None:
-        """Pass an SSE stream through chunk by chunk, metering it on the side."""
-        meter = SSEMeter()
+    async def _stream(self, up: UpstreamConfig, ep: Endpoint, resp: aiohttp.ClientResponse,
+                      follower: StreamFollower, request_id: str, call: _Call, t0: float, send: Send,
+                      receive: Receive) -> None:
+        """Pass an SSE stream through as it arrives, metering it on the side.
+
+        A client that hangs up cancels this task (through the watcher on ``receive``): the
+        upstream connection is closed at once and the call recorded as cancelled.
+        """
         task = asyncio.current_task()
         state = {"finished": False, "disconnected": False}
 
@@ -266,24 +364,37 @@ class Proxy:
         watcher.add_done_callback(on_receive)
         await send({"type": "http.response.start", "status": 200,
                     "headers": self._response_headers(resp, request_id, "text/event-stream")})
+        perf = time.perf_counter
         try:
             try:
                 async for chunk in resp.content.iter_any():
-                    if meter.feed(chunk) and call.ttft is None:
-                        call.ttft = time.perf_counter() - t0
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    seen = follower.content_chunks
+                    out = follower.feed(chunk)
+                    if follower.content_chunks != seen:
+                        now = perf() - t0
+                        if call.ttft is None:
+                            call.ttft = now
+                        call.last_token = now
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
             except (TimeoutError, aiohttp.ClientError) as exc:
                 err = translate_client_error(exc, up.name)
                 call.error_type = err.error_type
-                log.warning("stream from %s broke off: %s", up.name, err.message)
-                event = b"data: " + orjson.dumps(err.openai_body()) + b"\n\n"
-                state["finished"] = True
-                await send({"type": "http.response.body", "body": event, "more_body": False})
+                log.warning("stream %s from %s broke off: %s", request_id, up.name, err.message)
+                await self._end_stream_with_error(send, err, ep, state)
+                return
+            if not follower.finished and follower.error is None:
+                err = UpstreamInvalidResponse(f"upstream '{up.name}' ended the stream before it was complete",
+                                              up.name)
+                call.error_type = err.error_type
+                log.warning("stream %s: %s", request_id, err.message)
+                await self._end_stream_with_error(send, err, ep, state)
                 return
             state["finished"] = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            call.outcome = Outcome.SUCCESS if meter.error is None else Outcome.ERROR
-            if meter.error is not None:
+            if follower.error is None:
+                call.outcome = Outcome.SUCCESS
+            else:
                 call.error_type = ErrorType.SERVER_ERROR
         except asyncio.CancelledError:
             if not state["disconnected"] or task is None:
@@ -295,5 +406,17 @@ class Proxy:
         finally:
             state["finished"] = True
             watcher.cancel()
-            call.usage = meter.usage
-            call.served_model = meter.served_model
+            call.reported = follower.usage
+            call.served_model = follower.served_model
+            # an upstream error event with nothing generated bills nothing; anything else may have
+            call.output_text = "".join(follower.text) if follower.text or follower.error is None else None
+
+    @staticmethod
+    async def _end_stream_with_error(send: Send, err: UpstreamError, ep: Endpoint, state: dict[str, bool]) -> None:
+        """End a stream that broke with an error event, so the client does not hang."""
+        if ep.fmt == "anthropic":
+            event = b"event: error\ndata: " + orjson.dumps(err.anthropic_body()) + b"\n\n"
+        else:
+            event = b"data: " + orjson.dumps(err.openai_body()) + b"\n\n"
+        state["finished"] = True
+        await send({"type": "http.response.body", "body": event, "more_body": False})

@@ -1,37 +1,48 @@
-"""Reading an OpenAI server-sent-event stream on the side, to meter it.
+"""Following server-sent-event streams to meter them while they pass through.
 
-The bytes go to the client untouched; :class:`SSEMeter` only looks at them.
+The bytes go to the client as they arrive. A follower reads them on the side: first and
+last content, the model served, the usage reported, the text streamed (for an estimate
+when no usage comes), whether the stream finished properly.
+
+One exception to "untouched": when the gateway itself asked an OpenAI upstream for usage
+(``stream_options.include_usage``) on behalf of a client that did not, it removes what that
+request added (the usage-only final chunk, and ``"usage": null`` in the other chunks), so the
+client sees what it would have seen without the gateway. It then forwards whole events.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
 
 from tokenbooth.record import TokenUsage
-from tokenbooth.tokens import usage_from_openai
+from tokenbooth.tokens import usage_from_anthropic, usage_from_openai
 
-__all__ = ["SSEMeter"]
+__all__ = ["AnthropicStream", "OpenAIStream", "StreamFollower"]
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+_USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
 
 
-class SSEMeter:
-    """Follows an OpenAI-format event stream: first content, served model, reported usage."""
+class StreamFollower:
+    """What every follower tracks; subclasses read their provider's events."""
 
-    __slots__ = ("_buf", "content_chunks", "done", "error", "served_model", "usage")
+    __slots__ = ("_buf", "content_chunks", "error", "finished", "served_model", "text", "usage")
 
     def __init__(self) -> None:
         self._buf = b""
         self.content_chunks = 0
         self.usage: TokenUsage | None = None
         self.served_model: str | None = None
-        self.done = False
-        self.error: Any = None
+        self.finished = False  # the stream ended the way its API says a complete stream ends
+        self.error: Any = None  # an error event from the upstream
+        self.text: list[str] = []
 
-    def feed(self, chunk: bytes) -> bool:
-        """Take the next bytes; True when they hold the stream's first content."""
+    def feed(self, chunk: bytes) -> bytes:
+        """Take the next bytes from upstream; return the bytes to send to the client."""
         data = self._buf + chunk if self._buf else chunk
-        before = self.content_chunks
         start = 0
         while True:
             end = data.find(b"\n", start)
@@ -40,23 +51,72 @@ class SSEMeter:
             line = data[start:end]
             start = end + 1
             if line.startswith(b"data:"):
-                self._event(line[5:].strip())
+                self._data(line[5:].strip())
         self._buf = data[start:]
-        return before == 0 and self.content_chunks > 0
+        return chunk
 
-    def _event(self, payload: bytes) -> None:
-        if payload == b"[DONE]":
-            self.done = True
-            return
+    def _data(self, payload: bytes) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _json(payload: bytes) -> dict[str, Any] | None:
         try:
             event = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return
-        if not isinstance(event, dict):
-            return
+            return None
+        return event if isinstance(event, dict) else None
+
+
+class OpenAIStream(StreamFollower):
+    """Follows OpenAI chat and text-completion chunks."""
+
+    __slots__ = ("strip_usage",)
+
+    def __init__(self, strip_usage: bool = False) -> None:
+        super().__init__()
+        self.strip_usage = strip_usage
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not self.strip_usage:
+            return super().feed(chunk)
+        data = self._buf + chunk if self._buf else chunk
+        out = []
+        start = 0
+        while True:
+            m = _EVENT_END.search(data, start)
+            if m is None:
+                break
+            event = data[start:m.end()]
+            start = m.end()
+            kept = self._event(event)
+            if kept is not None:
+                out.append(kept)
+        self._buf = data[start:]
+        return b"".join(out)
+
+    def _event(self, event: bytes) -> bytes | None:
+        """One whole event in strip mode: meter it, drop it or clean it."""
+        drop = False
+        for line in event.splitlines():
+            if line.startswith(b"data:"):
+                payload = line[5:].strip()
+                parsed = self._data(payload)
+                if parsed is not None and not parsed.get("choices") and parsed.get("usage"):
+                    drop = True  # the usage-only chunk the client did not ask for
+        if drop:
+            return None
+        return _USAGE_NULL.sub(b"", event) if b'"usage"' in event else event
+
+    def _data(self, payload: bytes) -> dict[str, Any] | None:
+        if payload == b"[DONE]":
+            self.finished = True
+            return None
+        event = self._json(payload)
+        if event is None:
+            return None
         if "error" in event:
             self.error = event["error"]
-            return
+            return event
         if self.served_model is None and isinstance(event.get("model"), str):
             self.served_model = event["model"]
         usage = event.get("usage")
@@ -66,7 +126,53 @@ class SSEMeter:
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
-            text = delta.get("content") or delta.get("reasoning_content") if isinstance(delta, dict) else None
-            if text or choice.get("text"):
+            if isinstance(delta, dict):
+                text = delta.get("content") or delta.get("reasoning_content") or ""
+                if delta.get("tool_calls"):
+                    text += orjson.dumps(delta["tool_calls"]).decode()
+            else:
+                text = choice.get("text") or ""
+            if text:
                 self.content_chunks += 1
-                break
+                self.text.append(text)
+            if choice.get("finish_reason"):
+                self.finished = True
+        return event
+
+
+class AnthropicStream(StreamFollower):
+    """Follows Anthropic Messages events: message_start, content_block_delta, message_delta, ..."""
+
+    __slots__ = ("_start_usage",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start_usage: dict[str, Any] = {}
+
+    def _data(self, payload: bytes) -> dict[str, Any] | None:
+        event = self._json(payload)
+        if event is None:
+            return None
+        kind = event.get("type")
+        if kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            text = delta.get("text") or delta.get("thinking") or delta.get("partial_json") or ""
+            if text:
+                self.content_chunks += 1
+                self.text.append(text)
+        elif kind == "message_start":
+            message = event.get("message") or {}
+            if isinstance(message.get("model"), str):
+                self.served_model = message["model"]
+            self._start_usage = dict(message.get("usage") or {})
+            self.usage = usage_from_anthropic(self._start_usage)
+        elif kind == "message_delta":
+            # output_tokens here is cumulative; newer API versions repeat the input counts too
+            merged = {**self._start_usage, **{k: v for k, v in (event.get("usage") or {}).items()
+                                               if v is not None}}
+            self.usage = usage_from_anthropic(merged)
+        elif kind == "message_stop":
+            self.finished = True
+        elif kind == "error":
+            self.error = event.get("error")
+        return event

@@ -94,6 +94,8 @@ calls = Table(
     Column("cache_write_tokens", BigInteger, nullable=False, default=0),
     Column("reasoning_tokens", BigInteger, nullable=False, default=0),
     Column("tokens_estimated", Boolean, nullable=False, default=False),
+    Column("tokens_mismatch", Boolean, nullable=False, default=False,
+           comment="a local estimate differed from the reported usage beyond the threshold"),
     Column("cost", Money(), comment="in `currency`; NULL when no price is known"),
     Column("currency", String(8)),
     Column("cost_usd", Money()),
@@ -146,14 +148,15 @@ def row_values(rec: CallRecord, sqlite: bool) -> tuple[Any, ...]:
         usd: Any = int((cost.usd * _PICO).to_integral_value()) if cost else None
         streamed: Any = int(rec.streamed)
         estimated: Any = int(u.estimated)
+        mismatch: Any = int(rec.tokens_mismatch)
     else:
-        when, streamed, estimated = started, rec.streamed, u.estimated
+        when, streamed, estimated, mismatch = started, rec.streamed, u.estimated, rec.tokens_mismatch
         amount = cost.amount if cost else None
         usd = cost.usd if cost else None
     return (
         rec.request_id, when, rec.provider, rec.upstream, rec.model, rec.served_model, rec.operation.value,
         streamed, rec.outcome.value, rec.error_type.value, rec.http_status, u.input, u.output,
-        u.cached_input, u.cache_write, u.reasoning, estimated, amount, cost.currency if cost else None, usd,
+        u.cached_input, u.cache_write, u.reasoning, estimated, mismatch, amount, cost.currency if cost else None, usd,
         cost.source if cost else None, rec.duration_s, rec.ttft_s, rec.attempts, rec.fallback_path,
         rec.session_id, rec.tenant, rec.key_id,
     )
