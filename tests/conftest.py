@@ -22,6 +22,22 @@ from tokenbooth.simulate import SimConfig, Simulator
 PG_URL = os.environ.get("TOKENBOOTH_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+_OPEN_CLIENTS: list[Any] = []
+
+
+def track(client: Any) -> Any:
+    """Register an API client (openai, anthropic) to be closed after the test."""
+    _OPEN_CLIENTS.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _OPEN_CLIENTS:
+        _OPEN_CLIENTS.pop().close()
+
+
 class LoopThread:
     """An asyncio loop on a background thread, for servers the (sync) tests talk to."""
 

@@ -117,15 +117,21 @@ def _linear_from_genai(model_price: Any, model: str, provider: str) -> Price:
         return Decimal(model_price.calc_price(_genai_usage(TokenUsage(**kinds)))["total_price"])
 
     tiered = any(isinstance(v, TieredPrices) for v in vars(model_price).values())
-    m = 1_000_000
+    # Probe with a thousand tokens (below any tier threshold, so tiered prices show their base
+    # rate) and scale to a million: price * 1000 / 1e6 * 1000 is exact in Decimal.
+    m = 1000
     per_request = rate()
+
+    def per_million(**kinds: Any) -> Decimal:
+        return (rate(**kinds) - per_request) * 1000
+
     return Price(
         model=model,
-        input=rate(input=m) - per_request,
-        output=rate(output=m) - per_request,
-        cached_input=rate(input=m, cached_input=m) - per_request,
-        cache_write=rate(input=m, cache_write=m) - per_request,
-        reasoning=rate(output=m, reasoning=m) - per_request,
+        input=per_million(input=m),
+        output=per_million(output=m),
+        cached_input=per_million(input=m, cached_input=m),
+        cache_write=per_million(input=m, cache_write=m),
+        reasoning=per_million(output=m, reasoning=m),
         per_request=per_request,
         currency="USD",
         source="genai-prices",

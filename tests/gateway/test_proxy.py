@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from genai_prices import Usage, calc_price
 
-from tests.conftest import GatewayHandle, SimHandle
+from tests.conftest import GatewayHandle, SimHandle, track
 from tokenbooth.ledger.schema import calls
 
 
@@ -27,7 +27,7 @@ def _rows(gw: GatewayHandle) -> list[Any]:
 
 
 def test_official_openai_client_works_unchanged_and_is_metered(gateway: GatewayHandle, sim: SimHandle) -> None:
-    client = openai.OpenAI(base_url=gateway.url, api_key="sk-client", max_retries=0)
+    client = track(openai.OpenAI(base_url=gateway.url, api_key="sk-client", max_retries=0))
     chat = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi there"}])
     completion = client.completions.create(model="gpt-4o-mini", prompt="once upon a time", max_tokens=20)
     embedding = client.embeddings.create(model="text-embedding-3-small", input=["a", "bc"])
@@ -93,7 +93,7 @@ def test_fixed_traffic_sample_matches_a_hand_computed_bill(
         pricing={"price_file": str(price_file), "fx": {"CNY": "0.14"}},
     )
     sim.script([{"usage": usage} for _, usage, _ in HAND_SAMPLE])
-    client = openai.OpenAI(base_url=gw.url, api_key="k", max_retries=0)
+    client = track(openai.OpenAI(base_url=gw.url, api_key="k", max_retries=0))
     for model, _, _ in HAND_SAMPLE:
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
 
@@ -111,7 +111,7 @@ def test_fixed_traffic_sample_matches_a_hand_computed_bill(
 
 
 def test_unknown_price_is_unpriced_never_zero(gateway: GatewayHandle) -> None:
-    client = openai.OpenAI(base_url=gateway.url, api_key="k", max_retries=0)
+    client = track(openai.OpenAI(base_url=gateway.url, api_key="k", max_retries=0))
     client.chat.completions.create(model="my-private-model-7b", messages=[{"role": "user", "content": "x"}])
     row = _rows(gateway)[0]
     assert row.cost_usd is None and row.cost is None and row.input_tokens > 0
@@ -271,7 +271,7 @@ def test_stream_is_passed_through_unbuffered_and_metered(make_sim: Callable[...,
                                                           make_gateway: Callable[..., GatewayHandle]) -> None:
     slow = make_sim(ttft_ms=200, token_ms=50)
     gw = make_gateway([{"name": "sim", "base_url": slow.url, "models": ["*"]}])
-    client = openai.OpenAI(base_url=gw.url, api_key="k", max_retries=0)
+    client = track(openai.OpenAI(base_url=gw.url, api_key="k", max_retries=0))
     import time
 
     t0 = time.perf_counter()
