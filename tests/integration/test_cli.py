@@ -81,10 +81,10 @@ class Gateway:
         return self.proc.returncode, err
 
 
-async def _load(url: str, total: int | None, concurrency: int, stop_after: float | None = None
-                ) -> tuple[list[str], int]:
+async def _load(url: str, total: int | None, concurrency: int, stop_after: float | None = None,
+                answered: list[str] | None = None) -> tuple[list[str], int]:
     """Send chat calls; returns the request ids of answered (200) calls and the count of failed sends."""
-    answered: list[str] = []
+    answered = [] if answered is None else answered
     failed = 0
     sent = 0
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
@@ -125,8 +125,11 @@ def test_sigterm_under_load_loses_no_row_of_an_answered_call(tmp_path: Path, sim
     gw = Gateway(tmp_path, sim_url)
 
     async def scenario() -> tuple[list[str], int]:
-        load = asyncio.create_task(_load(gw.url, None, 32, stop_after=4.0))
-        await asyncio.sleep(1.5)
+        answered: list[str] = []
+        load = asyncio.create_task(_load(gw.url, None, 32, stop_after=6.0, answered=answered))
+        deadline = time.monotonic() + 4
+        while len(answered) < 300 and time.monotonic() < deadline:  # in the middle of load
+            await asyncio.sleep(0.02)
         gw.proc.send_signal(signal.SIGTERM)
         return await load
 
