@@ -67,6 +67,9 @@ class SimHandle:
     def script(self, actions: list[dict[str, Any]]) -> None:
         httpx.post(f"{self.base}/_sim/script", json={"script": actions}).raise_for_status()
 
+    def faults(self, spec: str) -> None:
+        httpx.post(f"{self.base}/_sim/faults", json={"faults": spec}).raise_for_status()
+
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = httpx.get(f"{self.base}/_sim/stats").json()
         return result

@@ -62,6 +62,10 @@ def test_the_upstream_key_is_read_from_the_named_env_var(tmp_path: Path, monkeyp
         ({"upstreams": [{"name": "a", "base_url": "http://x"}, {"name": "a", "base_url": "http://y"}]},
          "repeated: a"),
         ({"pricing": {"fx": {"CNY": -1}}}, "rate for CNY must be positive"),
+        ({"upstreams": [{"name": "a", "base_url": "http://x"}], "routes": {"m": [{"upstream": "b"}]}},
+         "route 'm' names upstream 'b', which is not configured (upstreams: a)"),
+        ({"upstreams": [{"name": "a", "base_url": "http://x", "retry": {"attempts": 0}}]},
+         "Config 'upstreams.0.retry.attempts' has value 0"),
     ],
 )
 def test_bad_values_name_the_key_and_the_value(overrides: dict[str, object], message: str) -> None:

@@ -60,3 +60,8 @@ def test_prompt_estimate_for_chat_messages_and_anthropic_system() -> None:
                          [(100, 100, False), (100, 119, False), (100, 121, True), (100, 79, True), (0, 1, True)])
 def test_differs_by_relative_threshold(reported: int, estimated: int, expected: bool) -> None:
     assert differs(reported, estimated, 0.2) is expected
+
+
+def test_heuristic_only_mode_loads_no_vocabulary() -> None:
+    est = TokenEstimator(use_bpe=False)
+    assert est.count("gpt-4o", "a" * 40) == 10

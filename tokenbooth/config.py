@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tokenbooth.errors import ConfigError
 
-__all__ = ["LedgerConfig", "PricingConfig", "Settings", "TokensConfig", "UpstreamConfig", "load_settings"]
+__all__ = ["CircuitConfig", "LedgerConfig", "PricingConfig", "RetryConfig", "RouteTarget", "Settings",
+           "TokensConfig", "UpstreamConfig", "load_settings"]
 
 ENV_PREFIX = "TOKENBOOTH_"
 
@@ -38,6 +39,34 @@ class TimeoutConfig(_Model):
     total: float = Field(600.0, gt=0)
 
 
+class RetryConfig(_Model):
+    """Retries of one upstream: 429, 500, 502, 503, 504, connection errors and connect timeouts."""
+
+    attempts: int = Field(3, ge=1, le=10)  # tries per upstream, the first included (2 retries)
+    backoff_base: float = Field(0.5, ge=0)  # seconds; full jitter over base * 2**(retry-1)
+    backoff_max: float = Field(8.0, ge=0)
+    retry_after_cap: float = Field(30.0, ge=0)  # a longer Retry-After means give up or fall back
+    on_read_timeout: bool = False  # the call may already be billed, so not by default
+
+
+class CircuitConfig(_Model):
+    """The circuit breaker of one upstream."""
+
+    enabled: bool = True
+    consecutive_failures: int = Field(5, ge=1)
+    failure_ratio: float = Field(0.5, gt=0, le=1)
+    min_calls: int = Field(20, ge=1)  # calls in the window before the ratio counts
+    window: float = Field(60.0, gt=0)  # seconds
+    cooldown: float = Field(30.0, gt=0)  # seconds open before a probe is let through
+
+
+class RouteTarget(_Model):
+    """One step of a fallback chain: an upstream, and the model to ask it for."""
+
+    upstream: str
+    model: str | None = None  # None: the model the client asked for
+
+
 class UpstreamConfig(_Model):
     """One upstream API: where it is, what it speaks, which models it serves."""
 
@@ -50,6 +79,8 @@ class UpstreamConfig(_Model):
     # Ask for stream usage (stream_options.include_usage) when the client did not; turn off for
     # OpenAI-compatible servers that reject the option.
     stream_usage: bool = True
+    retry: RetryConfig = RetryConfig()
+    circuit: CircuitConfig = CircuitConfig()
 
     @field_validator("base_url")
     @classmethod
@@ -95,6 +126,9 @@ class PricingConfig(_Model):
 class TokensConfig(_Model):
     """Local token estimates and their reconciliation with reported usage."""
 
+    # "bpe": exact counts for OpenAI model families (~140 MB of vocabularies in memory);
+    # "heuristic": the CJK-aware estimate for every model, no vocabularies loaded.
+    tokenizer: Literal["bpe", "heuristic"] = "bpe"
     mismatch_threshold: float = Field(0.2, gt=0)  # a relative difference counted as a mismatch
     reconcile_sample: float = Field(0.1, ge=0, le=1)  # share of reported calls also estimated
 
@@ -111,6 +145,9 @@ class Settings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     upstreams: tuple[UpstreamConfig, ...] = ()
+    # Fallback chains: a model name -> ordered targets tried while the previous ones fail.
+    routes: dict[str, tuple[RouteTarget, ...]] = Field(default_factory=dict)
+    max_attempts: int = Field(6, ge=1, le=50)  # upstream calls per client call, across fallbacks
     ledger: LedgerConfig = LedgerConfig()
     pricing: PricingConfig = PricingConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -124,6 +161,13 @@ class Settings(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"upstream names must be unique, repeated: {', '.join(dupes)}")
+        for model, chain in self.routes.items():
+            if not chain:
+                raise ValueError(f"route '{model}' has no targets")
+            for target in chain:
+                if target.upstream not in names:
+                    raise ValueError(f"route '{model}' names upstream '{target.upstream}', which is not "
+                                     f"configured (upstreams: {', '.join(names) or 'none'})")
         return self
 
 

@@ -17,6 +17,7 @@ code for the CLI, and an ``error_type`` for metrics and the ledger.
         ├── UpstreamConnectTimeout  504  no connection in time           (timeout_connect)
         ├── UpstreamReadTimeout     504  no bytes in time                (timeout_read)
         ├── UpstreamInvalidResponse 502  a 2xx body that is not what the API promises
+        ├── CircuitOpen             503  the upstream's circuit breaker is open (fail fast)
         └── UpstreamStatusError     the upstream's own 4xx/5xx, passed through
 
 Third-party exceptions are translated where they enter (``raise ... from exc``),
@@ -25,10 +26,12 @@ so nothing downstream has to guess at foreign exception types.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "CircuitOpen",
     "ConfigError",
     "ErrorType",
     "InvalidRequest",
@@ -101,6 +104,10 @@ class TokenboothError(Exception):
         self.message = message
 
     anthropic_type: str = "api_error"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Extra response headers (e.g. Retry-After) the error is rendered with."""
+        return []
 
     def openai_body(self) -> dict[str, Any]:
         """The error in OpenAI's format: ``{"error": {"message", "type", "param", "code"}}``."""
@@ -214,12 +221,43 @@ class UpstreamInvalidResponse(UpstreamError):
     code = "upstream_invalid_response"
 
 
+class CircuitOpen(UpstreamError):
+    """The upstream failed repeatedly; its circuit is open and calls fail fast until a probe succeeds.
+
+    Counted as a ``server_error``: to the caller it is the upstream being unavailable.
+    """
+
+    status_code = 503
+    error_type = ErrorType.SERVER_ERROR
+    code = "circuit_open"
+    anthropic_type = "overloaded_error"
+
+    def __init__(self, upstream: str, retry_in: float) -> None:
+        super().__init__(f"upstream '{upstream}' is failing and its circuit is open; "
+                         f"calls resume in {retry_in:.0f} s", upstream)
+        self.retry_in = retry_in
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(max(math.ceil(self.retry_in), 1)).encode())]
+
+
 class UpstreamStatusError(UpstreamError):
     """The upstream answered with a 4xx or 5xx; its status and body are passed through."""
 
-    def __init__(self, status: int, body: bytes, content_type: str, upstream: str = "") -> None:
+    def __init__(self, status: int, body: bytes, content_type: str, upstream: str = "",
+                 retry_after: str | None = None, retry_after_ms: str | None = None) -> None:
         super().__init__(f"upstream answered HTTP {status}", upstream)
         self.status_code = status
         self.body = body
         self.content_type = content_type
         self.error_type = classify_status(status, body)
+        self.retry_after = retry_after
+        self.retry_after_ms = retry_after_ms
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        out = []
+        if self.retry_after is not None:
+            out.append((b"retry-after", self.retry_after.encode("latin-1")))
+        if self.retry_after_ms is not None:
+            out.append((b"retry-after-ms", self.retry_after_ms.encode("latin-1")))
+        return out

@@ -13,6 +13,7 @@ Fault kinds: an HTTP status (``"429"``, ``"500"``, ``"503"``, ...), ``"timeout"`
 only after ``timeout_s``), ``"reset"`` (drop the connection), ``"malformed"`` (a 200 with
 a truncated JSON body), ``"break"`` (a stream whose connection drops half way),
 ``"truncate"`` (a stream that ends cleanly half way, with no final event).
+``POST /_sim/faults`` with ``{"faults": "500=1"}`` changes the fault rates while running.
 ``GET /_sim/stats`` counts the calls received; ``POST /_sim/reset`` clears counts and script.
 """
 
@@ -103,6 +104,7 @@ class Simulator:
             web.post("/_sim/script", self.set_script),
             web.get("/_sim/stats", self.get_stats),
             web.post("/_sim/reset", self.reset),
+            web.post("/_sim/faults", self.set_faults),
         ])
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -132,6 +134,14 @@ class Simulator:
             return web.json_response({"error": "script must be a list of objects"}, status=400)
         self.script = deque(script)
         return web.json_response({"queued": len(self.script)})
+
+    async def set_faults(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        try:
+            self.config.faults = parse_faults(str(body.get("faults", "")) if isinstance(body, dict) else "")
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"faults": self.config.faults})
 
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": dict(self.stats), "total": sum(self.stats.values()),

@@ -133,13 +133,16 @@ def _flatten(content: Any) -> str:
 class TokenEstimator:
     """Counts tokens locally. ``count(model, text)`` picks the model family's tokenizer."""
 
-    def __init__(self) -> None:
+    def __init__(self, use_bpe: bool = True) -> None:
+        self.use_bpe = use_bpe
         self._by_model: dict[str, Callable[[str], int]] = {}
 
     def warm(self) -> None:
-        """Load the bundled vocabularies now rather than on the first estimate."""
-        _encoding("o200k_base")
-        _encoding("cl100k_base")
+        """Load the bundled vocabularies now (about a second, ~140 MB) rather than stall the
+        event loop on the first estimate."""
+        if self.use_bpe:
+            _encoding("o200k_base")
+            _encoding("cl100k_base")
 
     def counter(self, model: str) -> Callable[[str], int]:
         hit = self._by_model.get(model)
@@ -147,7 +150,9 @@ class TokenEstimator:
             return hit
         name = model.rsplit("/", 1)[-1].lower()
         encoding = None
-        if name.startswith(_O200K_PREFIXES):
+        if not self.use_bpe:
+            pass
+        elif name.startswith(_O200K_PREFIXES):
             encoding = "o200k_base"
         elif name.startswith(_CL100K_PREFIXES):
             encoding = "cl100k_base"

@@ -16,6 +16,8 @@ from genai_prices import Usage, calc_price
 from tests.conftest import GatewayHandle, SimHandle, track
 from tokenbooth.ledger.schema import calls
 
+NO_RETRY = {"attempts": 1}
+
 
 def _rows(gw: GatewayHandle) -> list[Any]:
     gw.flush()
@@ -181,8 +183,10 @@ def test_unknown_model_and_route_are_404(make_gateway: Callable[..., GatewayHand
     ],
 )
 def test_upstream_failures_are_passed_through_classified_and_recorded(
-    gateway: GatewayHandle, sim: SimHandle, action: dict[str, Any], status: int, error_type: str
+    make_gateway: Callable[..., GatewayHandle], sim: SimHandle, action: dict[str, Any], status: int,
+    error_type: str
 ) -> None:
+    gateway = make_gateway([{"name": "sim", "base_url": sim.url, "retry": NO_RETRY}])
     sim.script([action])
     r = httpx.post(f"{gateway.url}/chat/completions",
                    json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})
@@ -192,6 +196,7 @@ def test_upstream_failures_are_passed_through_classified_and_recorded(
         assert err["message"] == action.get("message", f"simulated {action['status']}")
         if status == 429:
             assert r.headers.get("content-type", "").startswith("application/json")
+            assert r.headers["retry-after"] == "3"
     else:
         assert err["type"] == "upstream_error"
     assert gateway.sample("tokenbooth_requests_total", outcome="error", error_type=error_type) == 1
@@ -229,7 +234,8 @@ def test_upstream_key_never_leaks_into_errors_metrics_ledger_or_logs(
 ) -> None:
     secret = "sk-upstream-SECRET-4f9a2b"
     monkeypatch.setenv("SIM_KEY", secret)
-    gw = make_gateway([{"name": "sim", "base_url": sim.url, "api_key_env": "SIM_KEY", "models": ["*"]}])
+    gw = make_gateway([{"name": "sim", "base_url": sim.url, "api_key_env": "SIM_KEY", "models": ["*"],
+                        "retry": NO_RETRY}])
     seen: list[str] = []
     original = sim.sim._generate
 

@@ -117,19 +117,20 @@ class Gateway:
         rid = (b"x-request-id", request_id.encode())
         if isinstance(exc, UpstreamStatusError):
             # The upstream's own error, passed through as it was.
-            headers = [(b"content-type", exc.content_type.encode("latin-1")), rid]
+            headers = [(b"content-type", exc.content_type.encode("latin-1")), rid, *exc.headers()]
             await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
             await send({"type": "http.response.body", "body": exc.body})
             return
         if exc.status_code >= 500:
             log.warning("request %s failed: %s", request_id, exc.message)
-        await send({"type": "http.response.start", "status": exc.status_code, "headers": [_JSON, rid]})
+        await send({"type": "http.response.start", "status": exc.status_code,
+                    "headers": [_JSON, rid, *exc.headers()]})
         body = exc.anthropic_body() if anthropic else exc.openai_body()
         await send({"type": "http.response.body", "body": orjson.dumps(body)})
 
     async def _models(self, send: Send, headers: dict[bytes, bytes]) -> None:
         router = self.proxy.router
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": router.route(m).name}
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": router.targets(m)[0][0].name}
                 for m in router.explicit_models]
         wildcard = router.wildcard
         if wildcard is not None:
@@ -181,13 +182,14 @@ def build_gateway(settings: Settings, registry: CollectorRegistry | None = None)
         else []
     prices = PriceBook(local, settings.pricing.fx)
     prices.warm()
-    router = Router(settings.upstreams)
+    router = Router(settings.upstreams, settings.routes)
     known = set(router.explicit_models) | prices.local_models | set(settings.metrics.extra_models)
     ledger = None
     if settings.ledger.enabled:
         ledger = LedgerWriter(connect(settings.ledger.url), metrics, batch_size=settings.ledger.batch_size,
                               flush_interval=settings.ledger.flush_interval)
     meter = Meter(metrics, ModelLabels(known), ledger)
-    estimator = TokenEstimator()
+    estimator = TokenEstimator(use_bpe=settings.tokens.tokenizer == "bpe")
     estimator.warm()
-    return Gateway(settings, Proxy(router, meter, prices, settings.tokens, estimator), registry, ledger)
+    proxy = Proxy(router, meter, prices, settings.tokens, estimator, max_attempts=settings.max_attempts)
+    return Gateway(settings, proxy, registry, ledger)

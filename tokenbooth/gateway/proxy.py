@@ -15,6 +15,7 @@ import orjson
 
 from tokenbooth.config import TokensConfig, UpstreamConfig
 from tokenbooth.errors import (
+    CircuitOpen,
     ErrorType,
     InvalidRequest,
     UpstreamConnectError,
@@ -24,6 +25,7 @@ from tokenbooth.errors import (
     UpstreamReadTimeout,
     UpstreamStatusError,
 )
+from tokenbooth.gateway.resilience import Breaker, CircuitState, RetryPolicy, parse_retry_after
 from tokenbooth.gateway.streaming import AnthropicStream, OpenAIStream, StreamFollower
 from tokenbooth.gateway.upstreams import Router
 from tokenbooth.meter import Meter
@@ -112,10 +114,14 @@ def _response_text(parsed: dict[str, Any], fmt: Format) -> str:
 class _Call:
     """What is known about one call so far; becomes a CallRecord at the end."""
 
-    __slots__ = ("error_type", "last_token", "outcome", "output_text", "reported", "served_model", "status",
-                 "ttft")
+    __slots__ = ("attempts", "error_type", "last_token", "outcome", "output_text", "path", "reported",
+                 "served_model", "status", "target_model", "ttft", "upstream")
 
     def __init__(self) -> None:
+        self.attempts = 0
+        self.upstream: UpstreamConfig | None = None  # the upstream of the last attempt
+        self.target_model = ""
+        self.path: list[str] = []  # targets left behind, "upstream:model!reason"
         self.outcome = Outcome.ERROR
         self.error_type = ErrorType.NONE
         self.status: int | None = None
@@ -125,12 +131,26 @@ class _Call:
         self.ttft: float | None = None
         self.last_token: float | None = None
 
+    def serve(self, up: UpstreamConfig, target_model: str) -> None:
+        """Start an attempt at ``up``: forget what an earlier attempt left."""
+        self.upstream = up
+        self.target_model = target_model
+        self.outcome = Outcome.ERROR
+        self.error_type = ErrorType.NONE
+        self.status = None
+        self.reported = None
+        self.output_text = None
+        self.served_model = None
+        self.ttft = None
+        self.last_token = None
+
 
 class Proxy:
     """Sends client calls to upstreams and meters every one of them."""
 
     def __init__(self, router: Router, meter: Meter, prices: PriceBook,
-                 tokens: TokensConfig | None = None, estimator: TokenEstimator | None = None) -> None:
+                 tokens: TokensConfig | None = None, estimator: TokenEstimator | None = None, *,
+                 max_attempts: int = 6) -> None:
         self.router = router
         self.meter = meter
         self.prices = prices
@@ -145,6 +165,20 @@ class Proxy:
         # Keys are read from their env vars once, at start-up, and live only in these headers.
         self._keys = {up.name: key for up in router.upstreams if (key := up.api_key())}
         self._rng = random.Random()
+        self.max_attempts = max_attempts
+        self.policies = {up.name: RetryPolicy(up.retry) for up in router.upstreams}
+        self.breakers = {up.name: Breaker(up.circuit, self._circuit_gauge(up.name)) for up in router.upstreams}
+        for up in router.upstreams:
+            meter.metrics.circuit_state.labels(up.name).set(0)
+
+    def _circuit_gauge(self, upstream: str) -> Callable[[CircuitState], None]:
+        gauge = self.meter.metrics.circuit_state.labels(upstream)
+
+        def on_change(state: CircuitState) -> None:
+            gauge.set(int(state))
+            log.warning("circuit of upstream %s is now %s", upstream, state.name.lower().replace("_", "-"))
+
+        return on_change
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
@@ -192,36 +226,110 @@ class Proxy:
         stream = payload.get("stream", False)
         if not isinstance(stream, bool):
             raise InvalidRequest("'stream' must be a boolean.", "stream")
-        up = self.router.route(model)
+        targets = self.router.targets(model)
         session_id = client_headers.get(b"x-tokenbooth-session")
         assert self.session is not None, "Proxy.start() was not awaited"
 
+        call = _Call()
+        call.serve(*targets[0])
+        started_at = time.time()
+        in_flight = self.meter.in_flight(targets[0][0].provider, model)
+        in_flight.inc()
+        try:
+            await self._attempts(targets, ep, model, payload, body, stream, client_headers, request_id, call,
+                                 t0, send, receive)
+        except UpstreamError as exc:
+            call.error_type = exc.error_type
+            call.status = exc.status_code
+            raise
+        finally:
+            in_flight.dec()
+            self._record(call, ep, model, payload, request_id, started_at, time.perf_counter() - t0, stream,
+                         session_id)
+
+    def _body_for(self, up: UpstreamConfig, ep: Endpoint, model: str, target_model: str,
+                  payload: dict[str, Any], body: bytes, stream: bool) -> tuple[bytes, bool]:
+        """The request body for one target, and whether stream usage was asked on the client's behalf."""
+        changed: dict[str, Any] = {}
+        if target_model != model:
+            changed["model"] = target_model
         strip_usage = False
         if stream and ep.fmt == "openai" and ep.operation is not Operation.EMBEDDINGS and up.stream_usage:
             options = payload.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage")):
                 # Ask for usage on the client's behalf; what this adds is removed on the way back.
-                payload["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                changed["stream_options"] = {**(options if isinstance(options, dict) else {}),
                                              "include_usage": True}
-                body = orjson.dumps(payload)
                 strip_usage = True
+        if not changed:
+            return body, False
+        return orjson.dumps({**payload, **changed}), strip_usage
 
-        call = _Call()
-        started_at = time.time()
-        in_flight = self.meter.in_flight(up.provider, model)
-        in_flight.inc()
-        try:
-            await self._forward(up, ep, body, client_headers, request_id, stream, strip_usage, call, t0,
-                                send, receive)
-        except UpstreamError as exc:
-            call.error_type = exc.error_type
-            if isinstance(exc, UpstreamStatusError):
-                call.status = exc.status_code
-            raise
-        finally:
-            in_flight.dec()
-            self._record(call, ep, up, model, payload, request_id, started_at, time.perf_counter() - t0,
-                         stream, session_id)
+    async def _attempts(self, targets: tuple[tuple[UpstreamConfig, str], ...], ep: Endpoint, model: str,
+                        payload: dict[str, Any], body: bytes, stream: bool, client_headers: Mapping[bytes, bytes],
+                        request_id: str, call: _Call, t0: float, send: Send, receive: Receive) -> None:
+        """Try the targets in order, retrying each as its policy allows, within ``max_attempts`` in all.
+
+        Raises the last failure when every target is exhausted. Nothing is retried once a byte
+        of the response has gone to the client (``_forward`` raises only before that).
+        """
+        last: UpstreamError | None = None
+        for index, (up, target_model) in enumerate(targets):
+            breaker = self.breakers[up.name]
+            next_up = targets[index + 1][0].name if index + 1 < len(targets) else None
+            if not breaker.allow():
+                last = CircuitOpen(up.name, breaker.retry_in())
+                if next_up is not None:
+                    self.meter.metrics.fallbacks.labels(up.name, next_up, "circuit_open").inc()
+                    call.path.append(f"{up.name}:{target_model}!circuit_open")
+                continue
+            target_body, strip_usage = self._body_for(up, ep, model, target_model, payload, body, stream)
+            policy = self.policies[up.name]
+            tries = 0
+            while True:
+                if call.attempts >= self.max_attempts:
+                    raise last or UpstreamConnectError("no attempts left", up.name)
+                tries += 1
+                call.attempts += 1
+                call.serve(up, target_model)
+                try:
+                    await self._forward(up, ep, target_body, client_headers, request_id, stream, strip_usage, call,
+                                        t0, send, receive)
+                except UpstreamError as exc:
+                    last = exc
+                    status = exc.status_code if isinstance(exc, UpstreamStatusError) else None
+                    if Breaker.trips(exc.error_type):
+                        breaker.failure()
+                    else:
+                        breaker.release()
+                        raise  # the caller's own 4xx: another upstream would say the same
+                    if not policy.retryable(exc.error_type, status) or tries >= up.retry.attempts \
+                            or breaker.state is CircuitState.OPEN:
+                        break
+                    delay = policy.delay(tries, self._retry_after(exc))
+                    if delay is None or call.attempts >= self.max_attempts:
+                        break  # a Retry-After beyond the cap: fall back or fail, do not hang
+                    self.meter.metrics.retries.labels(up.name, exc.error_type.value).inc()
+                    await asyncio.sleep(delay)
+                    continue
+                if call.outcome is Outcome.ERROR and Breaker.trips(call.error_type):
+                    breaker.failure()  # a stream that broke after it started
+                else:
+                    breaker.success()
+                return
+            if next_up is not None and last is not None:
+                self.meter.metrics.fallbacks.labels(up.name, next_up, last.error_type.value).inc()
+                call.path.append(f"{up.name}:{target_model}!{last.error_type.value}")
+        assert last is not None
+        raise last
+
+    @staticmethod
+    def _retry_after(exc: UpstreamError) -> float | None:
+        if not isinstance(exc, UpstreamStatusError):
+            return None
+        headers = {k: v for k, v in (("retry-after", exc.retry_after), ("retry-after-ms", exc.retry_after_ms))
+                   if v is not None}
+        return parse_retry_after(headers) if headers else None
 
     def _usage(self, call: _Call, model: str, payload: dict[str, Any]) -> tuple[TokenUsage, bool]:
         """The usage to record, and whether it disagrees with a local estimate.
@@ -250,15 +358,17 @@ class Proxy:
                               reasoning=reported.reasoning, estimated=True), False
         return TokenUsage(input=self.estimator.prompt(model, payload), output=est_out, estimated=True), False
 
-    def _record(self, call: _Call, ep: Endpoint, up: UpstreamConfig, model: str, payload: dict[str, Any],
-                request_id: str, started_at: float, duration: float, stream: bool,
-                session_id: bytes | None) -> None:
+    def _record(self, call: _Call, ep: Endpoint, model: str, payload: dict[str, Any], request_id: str,
+                started_at: float, duration: float, stream: bool, session_id: bytes | None) -> None:
+        up = call.upstream
+        assert up is not None
         try:
             usage, mismatch = self._usage(call, model, payload)
         except Exception:  # an estimate must never break the call's record
             log.exception("token estimate failed for request %s", request_id)
             usage, mismatch = call.reported or NO_USAGE, False
-        cost = self.prices.cost(model, usage, provider=up.provider, upstream=up.name,
+        # the serving target's price: after a fallback to another model, that model's
+        cost = self.prices.cost(call.target_model, usage, provider=up.provider, upstream=up.name,
                                 served_model=call.served_model, at=started_at)
         tpot = None
         if call.ttft is not None and call.last_token is not None and usage.output > 1:
@@ -281,6 +391,8 @@ class Proxy:
             ttft_s=call.ttft,
             tpot_s=tpot,
             tokens_mismatch=mismatch,
+            attempts=call.attempts,
+            fallback_path=">".join([*call.path, f"{up.name}:{call.target_model}"]) if call.path else None,
             session_id=session_id.decode("latin-1")[:128] if session_id else None,
         ))
 
@@ -307,7 +419,8 @@ class Proxy:
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raise translate_client_error(exc, up.name) from exc
             if resp.status >= 400:
-                raise UpstreamStatusError(resp.status, data, content_type, up.name)
+                raise UpstreamStatusError(resp.status, data, content_type, up.name,
+                                          resp.headers.get("Retry-After"), resp.headers.get("retry-after-ms"))
             try:
                 parsed = orjson.loads(data)
             except orjson.JSONDecodeError:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from tokenbooth.config import UpstreamConfig
+from tokenbooth.config import RouteTarget, UpstreamConfig
 from tokenbooth.errors import ModelNotFound
 
 __all__ = ["Router"]
@@ -20,8 +20,14 @@ class Router:
     over patterns, and patterns are tried in configuration order.
     """
 
-    def __init__(self, upstreams: Sequence[UpstreamConfig]) -> None:
+    def __init__(self, upstreams: Sequence[UpstreamConfig],
+                 routes: Mapping[str, Sequence[RouteTarget]] | None = None) -> None:
         self.upstreams = tuple(upstreams)
+        by_name = {up.name: up for up in self.upstreams}
+        self._chains: dict[str, tuple[tuple[UpstreamConfig, str], ...]] = {
+            model: tuple((by_name[t.upstream], t.model or model) for t in chain)
+            for model, chain in (routes or {}).items()
+        }
         self._exact: dict[str, UpstreamConfig] = {}
         self._patterns: list[tuple[str, UpstreamConfig]] = []
         for up in self.upstreams:
@@ -34,8 +40,15 @@ class Router:
 
     @property
     def explicit_models(self) -> list[str]:
-        """Model names configured by exact name."""
-        return list(self._exact)
+        """Model names configured by exact name, fallback chains first."""
+        return [*self._chains, *(m for m in self._exact if m not in self._chains)]
+
+    def targets(self, model: str) -> tuple[tuple[UpstreamConfig, str], ...]:
+        """The (upstream, model) pairs to try in order: a fallback chain, or the one route."""
+        chain = self._chains.get(model)
+        if chain is not None:
+            return chain
+        return ((self.route(model), model),)
 
     @property
     def wildcard(self) -> UpstreamConfig | None:
@@ -43,6 +56,7 @@ class Router:
         return next((up for pattern, up in self._patterns if pattern == "*"), None)
 
     def route(self, model: str) -> UpstreamConfig:
+        """The upstream serving ``model`` by the upstreams' ``models`` lists (chains aside)."""
         hit = self._cache.get(model)
         if hit is not None:
             return hit
