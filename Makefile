@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint system-deps bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tokenbooth needs Python >= 3.11; set PYTHON=python3.11")'
@@ -22,7 +22,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check tokenbooth tests bench
 	$(BIN)/mypy
 
-test: lint
+system-deps:
+	@scripts/system-deps.sh
+
+test: system-deps lint
 	$(BIN)/pytest
 
 bench: $(STAMP)
