@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any, Literal
 import aiohttp
 import orjson
 
+from tokenbooth.calls import CallState, Recorder
 from tokenbooth.config import TokensConfig, UpstreamConfig
 from tokenbooth.errors import (
     CircuitOpen,
@@ -30,8 +30,8 @@ from tokenbooth.gateway.streaming import AnthropicStream, OpenAIStream, StreamFo
 from tokenbooth.gateway.upstreams import Router
 from tokenbooth.meter import Meter
 from tokenbooth.pricing import PriceBook
-from tokenbooth.record import NO_USAGE, CallRecord, Operation, Outcome, TokenUsage
-from tokenbooth.tokens import TokenEstimator, differs, usage_from_anthropic, usage_from_openai
+from tokenbooth.record import Operation, Outcome
+from tokenbooth.tokens import TokenEstimator, usage_from_anthropic, usage_from_openai
 
 __all__ = ["ENDPOINTS", "Endpoint", "Proxy", "translate_client_error"]
 
@@ -111,40 +111,6 @@ def _response_text(parsed: dict[str, Any], fmt: Format) -> str:
     return "".join(parts)
 
 
-class _Call:
-    """What is known about one call so far; becomes a CallRecord at the end."""
-
-    __slots__ = ("attempts", "error_type", "last_token", "outcome", "output_text", "path", "reported",
-                 "served_model", "status", "target_model", "ttft", "upstream")
-
-    def __init__(self) -> None:
-        self.attempts = 0
-        self.upstream: UpstreamConfig | None = None  # the upstream of the last attempt
-        self.target_model = ""
-        self.path: list[str] = []  # targets left behind, "upstream:model!reason"
-        self.outcome = Outcome.ERROR
-        self.error_type = ErrorType.NONE
-        self.status: int | None = None
-        self.reported: TokenUsage | None = None  # usage as the upstream reported it
-        self.output_text: str | None = None  # what was generated, when known, for estimates
-        self.served_model: str | None = None
-        self.ttft: float | None = None
-        self.last_token: float | None = None
-
-    def serve(self, up: UpstreamConfig, target_model: str) -> None:
-        """Start an attempt at ``up``: forget what an earlier attempt left."""
-        self.upstream = up
-        self.target_model = target_model
-        self.outcome = Outcome.ERROR
-        self.error_type = ErrorType.NONE
-        self.status = None
-        self.reported = None
-        self.output_text = None
-        self.served_model = None
-        self.ttft = None
-        self.last_token = None
-
-
 class Proxy:
     """Sends client calls to upstreams and meters every one of them."""
 
@@ -153,9 +119,7 @@ class Proxy:
                  max_attempts: int = 6) -> None:
         self.router = router
         self.meter = meter
-        self.prices = prices
-        self.tokens = tokens or TokensConfig()
-        self.estimator = estimator or TokenEstimator()
+        self.recorder = Recorder(meter, prices, tokens, estimator)
         self.session: aiohttp.ClientSession | None = None
         self._timeouts = {
             up.name: aiohttp.ClientTimeout(total=up.timeout.total, sock_connect=up.timeout.connect,
@@ -164,7 +128,6 @@ class Proxy:
         }
         # Keys are read from their env vars once, at start-up, and live only in these headers.
         self._keys = {up.name: key for up in router.upstreams if (key := up.api_key())}
-        self._rng = random.Random()
         self.max_attempts = max_attempts
         self.policies = {up.name: RetryPolicy(up.retry) for up in router.upstreams}
         self.breakers = {up.name: Breaker(up.circuit, self._circuit_gauge(up.name)) for up in router.upstreams}
@@ -230,8 +193,7 @@ class Proxy:
         session_id = client_headers.get(b"x-tokenbooth-session")
         assert self.session is not None, "Proxy.start() was not awaited"
 
-        call = _Call()
-        call.serve(*targets[0])
+        call = CallState(targets[0][0].provider, targets[0][0].name, targets[0][1])
         started_at = time.time()
         in_flight = self.meter.in_flight(targets[0][0].provider, model)
         in_flight.inc()
@@ -244,8 +206,9 @@ class Proxy:
             raise
         finally:
             in_flight.dec()
-            self._record(call, ep, model, payload, request_id, started_at, time.perf_counter() - t0, stream,
-                         session_id)
+            self.recorder.finish(call, request_id=request_id, operation=ep.operation, model=model, payload=payload,
+                                 started_at=started_at, duration=time.perf_counter() - t0, streamed=stream,
+                                 session_id=session_id.decode("latin-1")[:128] if session_id else None)
 
     def _body_for(self, up: UpstreamConfig, ep: Endpoint, model: str, target_model: str,
                   payload: dict[str, Any], body: bytes, stream: bool) -> tuple[bytes, bool]:
@@ -267,7 +230,7 @@ class Proxy:
 
     async def _attempts(self, targets: tuple[tuple[UpstreamConfig, str], ...], ep: Endpoint, model: str,
                         payload: dict[str, Any], body: bytes, stream: bool, client_headers: Mapping[bytes, bytes],
-                        request_id: str, call: _Call, t0: float, send: Send, receive: Receive) -> None:
+                        request_id: str, call: CallState, t0: float, send: Send, receive: Receive) -> None:
         """Try the targets in order, retrying each as its policy allows, within ``max_attempts`` in all.
 
         Raises the last failure when every target is exhausted. Nothing is retried once a byte
@@ -291,7 +254,7 @@ class Proxy:
                     raise last or UpstreamConnectError("no attempts left", up.name)
                 tries += 1
                 call.attempts += 1
-                call.serve(up, target_model)
+                call.serve(up.provider, up.name, target_model)
                 try:
                     await self._forward(up, ep, target_body, client_headers, request_id, stream, strip_usage, call,
                                         t0, send, receive)
@@ -331,74 +294,9 @@ class Proxy:
                    if v is not None}
         return parse_retry_after(headers) if headers else None
 
-    def _usage(self, call: _Call, model: str, payload: dict[str, Any]) -> tuple[TokenUsage, bool]:
-        """The usage to record, and whether it disagrees with a local estimate.
-
-        Reported usage of a finished call wins. Without it, or for a call cut short, the
-        tokens are estimated (the parts the upstream did report are kept) and marked so.
-        """
-        reported = call.reported
-        complete = call.outcome is Outcome.SUCCESS
-        if reported is not None and complete:
-            sample = self.tokens.reconcile_sample
-            if call.output_text is None or sample <= 0 or (sample < 1 and self._rng.random() >= sample):
-                return reported, False
-            est_in = self.estimator.prompt(model, payload)
-            est_out = self.estimator.count(model, call.output_text)
-            threshold = self.tokens.mismatch_threshold
-            mismatch = differs(reported.input, est_in, threshold) or \
-                differs(reported.output - reported.reasoning, est_out, threshold)
-            return reported, mismatch
-        if call.output_text is None and reported is None:
-            return NO_USAGE, False  # nothing was generated: an error before any output
-        est_out = self.estimator.count(model, call.output_text or "")
-        if reported is not None:
-            return TokenUsage(input=reported.input, output=max(reported.output, est_out),
-                              cached_input=reported.cached_input, cache_write=reported.cache_write,
-                              reasoning=reported.reasoning, estimated=True), False
-        return TokenUsage(input=self.estimator.prompt(model, payload), output=est_out, estimated=True), False
-
-    def _record(self, call: _Call, ep: Endpoint, model: str, payload: dict[str, Any], request_id: str,
-                started_at: float, duration: float, stream: bool, session_id: bytes | None) -> None:
-        up = call.upstream
-        assert up is not None
-        try:
-            usage, mismatch = self._usage(call, model, payload)
-        except Exception:  # an estimate must never break the call's record
-            log.exception("token estimate failed for request %s", request_id)
-            usage, mismatch = call.reported or NO_USAGE, False
-        # the serving target's price: after a fallback to another model, that model's
-        cost = self.prices.cost(call.target_model, usage, provider=up.provider, upstream=up.name,
-                                served_model=call.served_model, at=started_at)
-        tpot = None
-        if call.ttft is not None and call.last_token is not None and usage.output > 1:
-            tpot = (call.last_token - call.ttft) / (usage.output - 1)
-        self.meter.record(CallRecord(
-            request_id=request_id,
-            started_at=started_at,
-            provider=up.provider,
-            upstream=up.name,
-            model=model,
-            operation=ep.operation,
-            outcome=call.outcome,
-            duration_s=duration,
-            served_model=call.served_model,
-            error_type=call.error_type,
-            http_status=call.status,
-            streamed=stream,
-            usage=usage,
-            cost=cost,
-            ttft_s=call.ttft,
-            tpot_s=tpot,
-            tokens_mismatch=mismatch,
-            attempts=call.attempts,
-            fallback_path=">".join([*call.path, f"{up.name}:{call.target_model}"]) if call.path else None,
-            session_id=session_id.decode("latin-1")[:128] if session_id else None,
-        ))
-
     async def _forward(self, up: UpstreamConfig, ep: Endpoint, body: bytes,
                        client_headers: Mapping[bytes, bytes], request_id: str, stream: bool,
-                       strip_usage: bool, call: _Call, t0: float, send: Send, receive: Receive) -> None:
+                       strip_usage: bool, call: CallState, t0: float, send: Send, receive: Receive) -> None:
         assert self.session is not None
         try:
             resp = await self.session.post(up.base_url + ep.upstream_path, data=body,
@@ -456,7 +354,7 @@ class Proxy:
         return headers
 
     async def _stream(self, up: UpstreamConfig, ep: Endpoint, resp: aiohttp.ClientResponse,
-                      follower: StreamFollower, request_id: str, call: _Call, t0: float, send: Send,
+                      follower: StreamFollower, request_id: str, call: CallState, t0: float, send: Send,
                       receive: Receive) -> None:
         """Pass an SSE stream through as it arrives, metering it on the side.
 

@@ -1,0 +1,128 @@
+"""From what was seen of a call to its CallRecord: usage, estimates, price, metering.
+
+The gateway and the SDK both fill a :class:`CallState` while a call runs and hand it to a
+:class:`Recorder` when it ends, so the rules (reported usage wins, estimates fill in and
+are marked, the serving model's price applies) are written once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from tokenbooth.config import TokensConfig
+from tokenbooth.errors import ErrorType
+from tokenbooth.meter import Meter
+from tokenbooth.pricing import PriceBook
+from tokenbooth.record import NO_USAGE, CallRecord, Operation, Outcome, TokenUsage
+from tokenbooth.tokens import TokenEstimator, differs
+
+__all__ = ["CallState", "Recorder"]
+
+log = logging.getLogger("tokenbooth.calls")
+
+
+class CallState:
+    """What is known about one call so far; becomes a CallRecord at the end."""
+
+    __slots__ = ("attempts", "error_type", "last_token", "outcome", "output_text", "path", "provider", "reported",
+                 "served_model", "status", "target_model", "ttft", "upstream")
+
+    def __init__(self, provider: str = "", upstream: str = "", target_model: str = "") -> None:
+        self.attempts = 0
+        self.path: list[str] = []  # targets left behind, "upstream:model!reason"
+        self.serve(provider, upstream, target_model)
+
+    def serve(self, provider: str, upstream: str, target_model: str) -> None:
+        """Start an attempt at an upstream: forget what an earlier attempt left."""
+        self.provider = provider
+        self.upstream = upstream
+        self.target_model = target_model  # the model asked of the upstream; priced at its rate
+        self.outcome = Outcome.ERROR
+        self.error_type = ErrorType.NONE
+        self.status: int | None = None
+        self.reported: TokenUsage | None = None  # usage as the upstream reported it
+        self.output_text: str | None = None  # what was generated, when known, for estimates
+        self.served_model: str | None = None
+        self.ttft: float | None = None
+        self.last_token: float | None = None
+
+
+class Recorder:
+    """Turns finished CallStates into CallRecords and hands them to the meter."""
+
+    def __init__(self, meter: Meter, prices: PriceBook, tokens: TokensConfig | None = None,
+                 estimator: TokenEstimator | None = None) -> None:
+        self.meter = meter
+        self.prices = prices
+        self.tokens = tokens or TokensConfig()
+        self.estimator = estimator or TokenEstimator()
+        self._rng = random.Random()
+
+    def usage(self, call: CallState, model: str, payload: dict[str, Any]) -> tuple[TokenUsage, bool]:
+        """The usage to record, and whether it disagrees with a local estimate.
+
+        Reported usage of a finished call wins. Without it, or for a call cut short, the
+        tokens are estimated (the parts the upstream did report are kept) and marked so.
+        """
+        reported = call.reported
+        if reported is not None and call.outcome is Outcome.SUCCESS:
+            sample = self.tokens.reconcile_sample
+            if call.output_text is None or sample <= 0 or (sample < 1 and self._rng.random() >= sample):
+                return reported, False
+            est_in = self.estimator.prompt(model, payload)
+            est_out = self.estimator.count(model, call.output_text)
+            threshold = self.tokens.mismatch_threshold
+            mismatch = differs(reported.input, est_in, threshold) or \
+                differs(reported.output - reported.reasoning, est_out, threshold)
+            return reported, mismatch
+        if call.output_text is None and reported is None:
+            return NO_USAGE, False  # nothing was generated: an error before any output
+        est_out = self.estimator.count(model, call.output_text or "")
+        if reported is not None:
+            return TokenUsage(input=reported.input, output=max(reported.output, est_out),
+                              cached_input=reported.cached_input, cache_write=reported.cache_write,
+                              reasoning=reported.reasoning, estimated=True), False
+        return TokenUsage(input=self.estimator.prompt(model, payload), output=est_out, estimated=True), False
+
+    def finish(self, call: CallState, *, request_id: str, operation: Operation, model: str,
+               payload: dict[str, Any], started_at: float, duration: float, streamed: bool,
+               session_id: str | None = None, tenant: str | None = None) -> CallRecord:
+        """Build the call's record, meter it, and return it. Never raises for a bad estimate."""
+        try:
+            usage, mismatch = self.usage(call, model, payload)
+        except Exception:  # an estimate must never break the call's record
+            log.exception("token estimate failed for request %s", request_id)
+            usage, mismatch = call.reported or NO_USAGE, False
+        target = call.target_model or model
+        cost = self.prices.cost(target, usage, provider=call.provider, upstream=call.upstream,
+                                served_model=call.served_model, at=started_at)
+        tpot = None
+        if call.ttft is not None and call.last_token is not None and usage.output > 1:
+            tpot = (call.last_token - call.ttft) / (usage.output - 1)
+        record = CallRecord(
+            request_id=request_id,
+            started_at=started_at,
+            provider=call.provider,
+            upstream=call.upstream,
+            model=model,
+            operation=operation,
+            outcome=call.outcome,
+            duration_s=duration,
+            served_model=call.served_model,
+            error_type=call.error_type,
+            http_status=call.status,
+            streamed=streamed,
+            usage=usage,
+            cost=cost,
+            ttft_s=call.ttft,
+            tpot_s=tpot,
+            tokens_mismatch=mismatch,
+            attempts=max(call.attempts, 1),
+            fallback_path=">".join([*call.path, f"{call.upstream}:{target}"]) if call.path else None,
+            session_id=session_id,
+            tenant=tenant,
+        )
+        self.meter.record(record)
+        return record
