@@ -9,18 +9,54 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from tokenbooth.config import TokensConfig
 from tokenbooth.errors import ErrorType
 from tokenbooth.meter import Meter
 from tokenbooth.pricing import PriceBook
 from tokenbooth.record import NO_USAGE, CallRecord, Operation, Outcome, TokenUsage
-from tokenbooth.tokens import TokenEstimator, differs
+from tokenbooth.streams import StreamFollower
+from tokenbooth.tokens import TokenEstimator, differs, usage_from_anthropic, usage_from_openai
 
-__all__ = ["CallState", "Recorder"]
+__all__ = ["ENDPOINTS", "CallState", "Endpoint", "Format", "Recorder", "response_text"]
 
 log = logging.getLogger("tokenbooth.calls")
+
+
+Format = Literal["openai", "anthropic"]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One proxied API route: what it is, where it goes upstream, which field it needs, which API."""
+
+    operation: Operation
+    upstream_path: str
+    required: str
+    fmt: Format = "openai"
+
+
+ENDPOINTS: dict[str, Endpoint] = {
+    "/v1/chat/completions": Endpoint(Operation.CHAT, "/chat/completions", "messages"),
+    "/v1/completions": Endpoint(Operation.TEXT_COMPLETION, "/completions", "prompt"),
+    "/v1/embeddings": Endpoint(Operation.EMBEDDINGS, "/embeddings", "input"),
+    "/v1/messages": Endpoint(Operation.CHAT, "/messages", "messages", "anthropic"),
+}
+
+def response_text(parsed: dict[str, Any], fmt: Format) -> str:
+    """The generated text of a non-streamed response, for a local token estimate."""
+    if fmt == "anthropic":
+        return "".join(b.get("text", "") for b in parsed.get("content") or () if isinstance(b, dict))
+    parts = []
+    for choice in parsed.get("choices") or ():
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else choice.get("text")
+            if isinstance(text, str):
+                parts.append(text)
+    return "".join(parts)
 
 
 class CallState:
@@ -47,6 +83,24 @@ class CallState:
         self.served_model: str | None = None
         self.ttft: float | None = None
         self.last_token: float | None = None
+
+    def read_response(self, parsed: dict[str, Any], ep: Endpoint) -> None:
+        """Take what a successful non-streamed response says: usage, text, served model."""
+        if ep.fmt == "anthropic":
+            self.reported = usage_from_anthropic(parsed.get("usage"))
+        else:
+            self.reported = usage_from_openai(parsed.get("usage"))
+        self.output_text = response_text(parsed, ep.fmt) if ep.operation is not Operation.EMBEDDINGS else ""
+        served = parsed.get("model")
+        self.served_model = served if isinstance(served, str) else None
+        self.outcome = Outcome.SUCCESS
+
+    def take_stream(self, follower: StreamFollower) -> None:
+        """Take what a followed stream showed, however it ended."""
+        self.reported = follower.usage
+        self.served_model = follower.served_model
+        # an upstream error event with nothing generated bills nothing; anything else may have
+        self.output_text = "".join(follower.text) if follower.text or follower.error is None else None
 
 
 class Recorder:

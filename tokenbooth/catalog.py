@@ -35,12 +35,15 @@ class MetricSpec:
     help: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] | None = None
+    # How a gauge's per-process values combine in client_python's multiprocess mode.
+    multiprocess_mode: str = "livesum"
 
 
 def _spec(
-    name: str, kind: Kind, help: str, labels: str = "", buckets: tuple[float, ...] | None = None
+    name: str, kind: Kind, help: str, labels: str = "", buckets: tuple[float, ...] | None = None,
+    multiprocess_mode: str = "livesum",
 ) -> MetricSpec:
-    return MetricSpec(name, kind, help, tuple(labels.split()) if labels else (), buckets)
+    return MetricSpec(name, kind, help, tuple(labels.split()) if labels else (), buckets, multiprocess_mode)
 
 
 CATALOG: tuple[MetricSpec, ...] = (
@@ -67,7 +70,7 @@ CATALOG: tuple[MetricSpec, ...] = (
     _spec("tokenbooth_fallbacks_total", "counter", "Calls moved from one upstream to the next in a chain.",
           "from_upstream to_upstream reason"),
     _spec("tokenbooth_circuit_state", "gauge", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
-          "upstream"),
+          "upstream", multiprocess_mode="livemax"),
     _spec("tokenbooth_token_estimate_mismatch_total", "counter",
           "Calls whose local token estimate differed from the reported usage beyond the threshold.",
           "provider model"),
@@ -84,6 +87,8 @@ CATALOG: tuple[MetricSpec, ...] = (
     _spec("tokenbooth_tool_calls_total", "counter", "Tool calls by tool and status (success, error, timeout).",
           "tool status"),
     _spec("tokenbooth_tool_duration_seconds", "histogram", "Duration of tool calls.", "tool", TOOL_BUCKETS),
+    _spec("tokenbooth_pushgateway_failures_total", "counter",
+          "Pushes to the Pushgateway that failed (logged, retried with backoff, never raised)."),
 )
 
 _BY_NAME = {spec.name: spec for spec in CATALOG}
@@ -107,7 +112,8 @@ class Metrics:
                 made[base] = Counter(spec.name.removesuffix("_total"), spec.help, spec.labels,
                                      registry=registry)
             elif spec.kind == "gauge":
-                made[base] = Gauge(spec.name, spec.help, spec.labels, registry=registry)
+                made[base] = Gauge(spec.name, spec.help, spec.labels, registry=registry,
+                                   multiprocess_mode=spec.multiprocess_mode)  # type: ignore[arg-type]
             else:
                 made[base] = Histogram(spec.name, spec.help, spec.labels, registry=registry,
                                        buckets=spec.buckets or DURATION_BUCKETS)
@@ -131,6 +137,7 @@ class Metrics:
         self.agent_step_duration: Histogram = made["agent_step_duration_seconds"]  # type: ignore[assignment]
         self.tool_calls: Counter = made["tool_calls"]  # type: ignore[assignment]
         self.tool_duration: Histogram = made["tool_duration_seconds"]  # type: ignore[assignment]
+        self.push_failures: Counter = made["pushgateway_failures"]  # type: ignore[assignment]
 
 
 def spec(name: str) -> MetricSpec:

@@ -8,7 +8,7 @@ from enum import StrEnum
 
 from tokenbooth.errors import ErrorType
 
-__all__ = ["CallRecord", "Cost", "Operation", "Outcome", "TokenUsage"]
+__all__ = ["CallRecord", "Cost", "Operation", "Outcome", "SessionRecord", "TokenUsage"]
 
 
 class Operation(StrEnum):
@@ -90,3 +90,22 @@ class CallRecord:
     session_id: str | None = None
     tenant: str | None = None
     key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """The roll-up of one agent session: what it did and what its LLM calls cost."""
+
+    session_id: str
+    agent: str
+    started_at: float  # unix time, seconds
+    duration_s: float
+    outcome: str  # success, error
+    steps: int
+    tool_calls: int
+    tool_errors: int
+    llm_calls: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: Decimal  # of its priced calls
+    unpriced_calls: int = 0  # calls with usage but no known price, not in cost_usd

@@ -6,13 +6,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 import orjson
 
-from tokenbooth.calls import CallState, Recorder
+from tokenbooth.calls import ENDPOINTS, CallState, Endpoint, Format, Recorder
 from tokenbooth.config import TokensConfig, UpstreamConfig
 from tokenbooth.errors import (
     CircuitOpen,
@@ -26,12 +25,12 @@ from tokenbooth.errors import (
     UpstreamStatusError,
 )
 from tokenbooth.gateway.resilience import Breaker, CircuitState, RetryPolicy, parse_retry_after
-from tokenbooth.gateway.streaming import AnthropicStream, OpenAIStream, StreamFollower
 from tokenbooth.gateway.upstreams import Router
 from tokenbooth.meter import Meter
 from tokenbooth.pricing import PriceBook
 from tokenbooth.record import Operation, Outcome
-from tokenbooth.tokens import TokenEstimator, usage_from_anthropic, usage_from_openai
+from tokenbooth.streams import AnthropicStream, OpenAIStream, StreamFollower
+from tokenbooth.tokens import TokenEstimator
 
 __all__ = ["ENDPOINTS", "Endpoint", "Proxy", "translate_client_error"]
 
@@ -39,25 +38,7 @@ log = logging.getLogger("tokenbooth.gateway")
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
-Format = Literal["openai", "anthropic"]
 
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One proxied API route: what it is, where it goes upstream, which field it needs, which API."""
-
-    operation: Operation
-    upstream_path: str
-    required: str
-    fmt: Format = "openai"
-
-
-ENDPOINTS: dict[str, Endpoint] = {
-    "/v1/chat/completions": Endpoint(Operation.CHAT, "/chat/completions", "messages"),
-    "/v1/completions": Endpoint(Operation.TEXT_COMPLETION, "/completions", "prompt"),
-    "/v1/embeddings": Endpoint(Operation.EMBEDDINGS, "/embeddings", "input"),
-    "/v1/messages": Endpoint(Operation.CHAT, "/messages", "messages", "anthropic"),
-}
 
 # Request headers passed to the upstream besides authorization and content type.
 _FORWARD_REQUEST = frozenset({b"openai-organization", b"openai-project", b"openai-beta", b"accept-language",
@@ -95,20 +76,6 @@ def translate_client_error(exc: BaseException, upstream: str) -> UpstreamError:
 
 def _header_value(value: bytes) -> str:
     return value.decode("latin-1")
-
-
-def _response_text(parsed: dict[str, Any], fmt: Format) -> str:
-    """The generated text of a non-streamed response, for a local token estimate."""
-    if fmt == "anthropic":
-        return "".join(b.get("text", "") for b in parsed.get("content") or () if isinstance(b, dict))
-    parts = []
-    for choice in parsed.get("choices") or ():
-        if isinstance(choice, dict):
-            message = choice.get("message")
-            text = message.get("content") if isinstance(message, dict) else choice.get("text")
-            if isinstance(text, str):
-                parts.append(text)
-    return "".join(parts)
 
 
 class Proxy:
@@ -328,14 +295,7 @@ class Proxy:
             if not isinstance(parsed, dict):
                 raise UpstreamInvalidResponse(f"upstream '{up.name}' answered with an unexpected body",
                                               up.name)
-            if ep.fmt == "anthropic":
-                call.reported = usage_from_anthropic(parsed.get("usage"))
-            else:
-                call.reported = usage_from_openai(parsed.get("usage"))
-            call.output_text = _response_text(parsed, ep.fmt) if ep.operation is not Operation.EMBEDDINGS else ""
-            served = parsed.get("model")
-            call.served_model = served if isinstance(served, str) else None
-            call.outcome = Outcome.SUCCESS
+            call.read_response(parsed, ep)
             await send({"type": "http.response.start", "status": resp.status,
                         "headers": self._response_headers(resp, request_id, content_type)})
             await send({"type": "http.response.body", "body": data, "more_body": False})
@@ -417,10 +377,7 @@ class Proxy:
         finally:
             state["finished"] = True
             watcher.cancel()
-            call.reported = follower.usage
-            call.served_model = follower.served_model
-            # an upstream error event with nothing generated bills nothing; anything else may have
-            call.output_text = "".join(follower.text) if follower.text or follower.error is None else None
+            call.take_stream(follower)
 
     @staticmethod
     async def _end_stream_with_error(send: Send, err: UpstreamError, ep: Endpoint, state: dict[str, bool]) -> None:

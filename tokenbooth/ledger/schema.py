@@ -30,9 +30,9 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from tokenbooth.errors import ConfigError
-from tokenbooth.record import CallRecord
+from tokenbooth.record import CallRecord, SessionRecord
 
-__all__ = ["SCHEMA_VERSION", "calls", "connect", "metadata", "row_from_record"]
+__all__ = ["SCHEMA_VERSION", "calls", "connect", "metadata", "row_from_record", "session_row", "sessions"]
 
 SCHEMA_VERSION = 1
 _PICO = Decimal("1e12")
@@ -114,6 +114,27 @@ calls = Table(
     Index("ix_tokenbooth_calls_request_id", "request_id"),
 )
 
+sessions = Table(
+    "tokenbooth_sessions",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("session_id", String(128), nullable=False),
+    Column("agent", String(128), nullable=False),
+    Column("started_at", DateTime(timezone=False), nullable=False, comment="UTC"),
+    Column("duration_s", Float, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("steps", Integer, nullable=False),
+    Column("tool_calls", Integer, nullable=False),
+    Column("tool_errors", Integer, nullable=False),
+    Column("llm_calls", Integer, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("cost_usd", Money(), nullable=False),
+    Column("unpriced_calls", Integer, nullable=False),
+    Index("ix_tokenbooth_sessions_started_at", "started_at"),
+    Index("ix_tokenbooth_sessions_session_id", "session_id"),
+)
+
 meta = Table(
     "tokenbooth_meta",
     metadata,
@@ -123,17 +144,41 @@ meta = Table(
 
 
 _INSERT_COLUMNS = tuple(str(c.name) for c in calls.columns if c.name != "id")
+_SESSION_COLUMNS = tuple(str(c.name) for c in sessions.columns if c.name != "id")
 
 
-def insert_sql(dialect: Dialect) -> str:
+def insert_sql(dialect: Dialect, table: Table = calls) -> str:
     """A plain INSERT of one row in the DBAPI's own parameter style, for ``executemany``.
 
     The writer binds ready-made tuples (see :func:`row_values`) instead of going through
     SQLAlchemy's per-row type processing, which costs more CPU than the whole proxy path.
     """
+    columns = [str(c.name) for c in table.columns if c.name != "id"]
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
-    return (f"INSERT INTO {calls.name} ({', '.join(_INSERT_COLUMNS)}) "
-            f"VALUES ({', '.join([mark] * len(_INSERT_COLUMNS))})")
+    return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})"
+
+
+def _when(ts: float, sqlite: bool) -> Any:
+    started = dt.datetime.fromtimestamp(ts, dt.UTC).replace(tzinfo=None)
+    return started.strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else started
+
+
+def _money(amount: Decimal | None, sqlite: bool) -> Any:
+    if amount is None or not sqlite:
+        return amount
+    return int((amount * _PICO).to_integral_value())
+
+
+def session_values(rec: SessionRecord, sqlite: bool) -> tuple[Any, ...]:
+    """A session roll-up as a tuple in ``insert_sql(dialect, sessions)`` order."""
+    return (rec.session_id, rec.agent, _when(rec.started_at, sqlite), rec.duration_s, rec.outcome, rec.steps,
+            rec.tool_calls, rec.tool_errors, rec.llm_calls, rec.input_tokens, rec.output_tokens,
+            _money(rec.cost_usd, sqlite), rec.unpriced_calls)
+
+
+def session_row(rec: SessionRecord) -> dict[str, Any]:
+    """A session roll-up as a column -> value mapping."""
+    return dict(zip(_SESSION_COLUMNS, session_values(rec, sqlite=False), strict=True))
 
 
 def row_values(rec: CallRecord, sqlite: bool) -> tuple[Any, ...]:
@@ -141,18 +186,15 @@ def row_values(rec: CallRecord, sqlite: bool) -> tuple[Any, ...]:
     :class:`Money` and SQLAlchemy's SQLite ``DateTime`` would store them."""
     u = rec.usage
     cost = rec.cost
-    started = dt.datetime.fromtimestamp(rec.started_at, dt.UTC).replace(tzinfo=None)
+    when = _when(rec.started_at, sqlite)
+    amount = _money(cost.amount, sqlite) if cost else None
+    usd = _money(cost.usd, sqlite) if cost else None
     if sqlite:
-        when: Any = started.strftime("%Y-%m-%d %H:%M:%S.%f")
-        amount: Any = int((cost.amount * _PICO).to_integral_value()) if cost else None
-        usd: Any = int((cost.usd * _PICO).to_integral_value()) if cost else None
         streamed: Any = int(rec.streamed)
         estimated: Any = int(u.estimated)
         mismatch: Any = int(rec.tokens_mismatch)
     else:
-        when, streamed, estimated, mismatch = started, rec.streamed, u.estimated, rec.tokens_mismatch
-        amount = cost.amount if cost else None
-        usd = cost.usd if cost else None
+        streamed, estimated, mismatch = rec.streamed, u.estimated, rec.tokens_mismatch
     return (
         rec.request_id, when, rec.provider, rec.upstream, rec.model, rec.served_model, rec.operation.value,
         streamed, rec.outcome.value, rec.error_type.value, rec.http_status, u.input, u.output,

@@ -20,8 +20,10 @@ import orjson
 from sqlalchemy import Engine
 
 from tokenbooth.catalog import Metrics
-from tokenbooth.ledger.schema import insert_sql, row_from_record, row_values
-from tokenbooth.record import CallRecord
+from tokenbooth.ledger.schema import insert_sql, row_from_record, row_values, session_row, session_values, sessions
+from tokenbooth.record import CallRecord, SessionRecord
+
+Record = CallRecord | SessionRecord
 
 __all__ = ["LedgerWriter"]
 
@@ -62,14 +64,20 @@ class LedgerWriter:
         self.rows_written = 0
         self.rows_spilled = 0
         self._sql = insert_sql(engine.dialect)
+        self._session_sql = insert_sql(engine.dialect, sessions)
         self._sqlite = engine.dialect.name == "sqlite"
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, record: CallRecord) -> None:
-        """Queue one record; returns at once."""
+    def submit(self, record: Record) -> None:
+        """Queue one call record or session roll-up; returns at once."""
         self._queue.put(record)
+
+    def _convert(self, record: Record) -> tuple[str, tuple[Any, ...]]:
+        if isinstance(record, CallRecord):
+            return self._sql, row_values(record, self._sqlite)
+        return self._session_sql, session_values(record, self._sqlite)
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Block until every row submitted before this call is written (or spilled)."""
@@ -96,13 +104,13 @@ class LedgerWriter:
             self._drain_and_write()
 
     def _drain_and_write(self) -> None:
-        batch: list[CallRecord] = []
+        batch: list[Record] = []
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, CallRecord):
+            if isinstance(item, CallRecord | SessionRecord):
                 batch.append(item)
             elif isinstance(item, _Marker):
                 item.done.set()
@@ -118,8 +126,8 @@ class LedgerWriter:
             if self._queue.empty():
                 self._wake.wait(self.flush_interval)
             self._wake.clear()
-            batch: list[CallRecord] = []
-            rows: list[tuple[Any, ...]] = []
+            batch: list[Record] = []
+            rows: list[tuple[str, tuple[Any, ...]]] = []
             markers: list[_Marker] = []
             while len(batch) < limit or stop:
                 try:
@@ -132,7 +140,7 @@ class LedgerWriter:
                     markers.append(item)
                 else:
                     batch.append(item)
-                    rows.append(row_values(item, self._sqlite))
+                    rows.append(self._convert(item))
                     if len(rows) % 64 == 0:
                         time.sleep(0)  # hand the GIL back to the event loop between slices
             if batch:
@@ -140,18 +148,23 @@ class LedgerWriter:
             for marker in markers:
                 marker.done.set()
 
-    def _write(self, batch: list[CallRecord], *, final: bool, rows: list[tuple[Any, ...]] | None = None) -> None:
+    def _write(self, batch: list[Record], *, final: bool,
+               rows: list[tuple[str, tuple[Any, ...]]] | None = None) -> None:
         if rows is None:
-            rows = [row_values(rec, self._sqlite) for rec in batch]
+            rows = [self._convert(rec) for rec in batch]
         delay = 0.05
         attempt = 0
         done = 0
         while done < len(batch):
             attempt += 1
             chunk = rows[done:done + self.batch_size]
+            by_table: dict[str, list[tuple[Any, ...]]] = {}
+            for sql, values in chunk:
+                by_table.setdefault(sql, []).append(values)
             try:
                 with self.engine.begin() as conn:
-                    conn.exec_driver_sql(self._sql, chunk)
+                    for sql, values_list in by_table.items():
+                        conn.exec_driver_sql(sql, values_list)
             except Exception as exc:  # a database error, or a row the driver refused
                 reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
                 if final or self._closing.is_set():
@@ -170,11 +183,13 @@ class LedgerWriter:
             self._written.inc(len(chunk))
             self.rows_written += len(chunk)
 
-    def _spill(self, batch: list[CallRecord], reason: str) -> None:
+    def _spill(self, batch: list[Record], reason: str) -> None:
         try:
             with self.spill_path.open("ab") as f:
                 for rec in batch:
-                    f.write(orjson.dumps(row_from_record(rec), default=str) + b"\n")
+                    row = row_from_record(rec) if isinstance(rec, CallRecord) else \
+                        {"table": "tokenbooth_sessions", **session_row(rec)}
+                    f.write(orjson.dumps(row, default=str) + b"\n")
         except (OSError, TypeError, ValueError) as exc:
             log.error("ledger: %d rows LOST: database failed (%s) and spill file %s failed (%s)",
                       len(batch), reason, self.spill_path, exc)

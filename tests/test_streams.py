@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from tokenbooth.gateway.streaming import AnthropicStream, OpenAIStream
 from tokenbooth.record import TokenUsage
+from tokenbooth.streams import AnthropicStream, OpenAIStream
 
 
 def _chunk(choices: list[dict[str, object]], usage: object = None, with_usage_key: bool = True) -> bytes:
