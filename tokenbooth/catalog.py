@@ -138,6 +138,7 @@ class Metrics:
         self.tool_calls: Counter = made["tool_calls"]  # type: ignore[assignment]
         self.tool_duration: Histogram = made["tool_duration_seconds"]  # type: ignore[assignment]
         self.push_failures: Counter = made["pushgateway_failures"]  # type: ignore[assignment]
+        self.calls_recorded = 0  # how many calls the meters have recorded here (for push batching)
 
 
 def spec(name: str) -> MetricSpec:

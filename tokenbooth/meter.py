@@ -75,6 +75,7 @@ class Meter:
 
     def record(self, rec: CallRecord) -> None:
         """Count the call in metrics and hand its row to the ledger. Never raises."""
+        self.metrics.calls_recorded += 1
         try:
             self._observe(rec)
         except Exception:  # instrumentation must never break a request
