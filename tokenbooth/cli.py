@@ -43,6 +43,7 @@ def _parser() -> _Parser:
     s.add_argument("--db", help="ledger database URL (default sqlite:///tokenbooth.db)")
     s.add_argument("--price-file", help="YAML price file for relays and private models")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--workers", type=int, help="gateway processes sharing the port (default 1)")
 
     m = sub.add_parser("simulate", help="run a simulated OpenAI-compatible upstream")
     m.add_argument("--host", default="127.0.0.1")
@@ -85,7 +86,7 @@ def _settings(args: argparse.Namespace) -> Any:
     from tokenbooth.config import load_settings, one_line_upstream
 
     overrides: dict[str, Any] = {}
-    for name in ("host", "port", "log_level"):
+    for name in ("host", "port", "log_level", "workers"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
     if getattr(args, "upstream", None):
@@ -99,19 +100,25 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def _serve(args: argparse.Namespace) -> None:
     from tokenbooth.gateway.app import build_gateway
-    from tokenbooth.gateway.server import GatewayServer, uvicorn_config
-    from tokenbooth.ledger.schema import safe_url
+    from tokenbooth.gateway.server import GatewayServer, report_lost_rows, run_workers, uvicorn_config
+    from tokenbooth.ledger.schema import connect, safe_url
 
     settings = _settings(args)
     if not settings.upstreams:
         raise ConfigError("No upstreams configured: pass --upstream URL, or a config file with 'upstreams'.")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    gateway = build_gateway(settings)
+    report_lost_rows(settings)
     ups = ", ".join(f"{u.name} ({u.provider}) {u.base_url}" for u in settings.upstreams)
-    print(f"tokenbooth gateway on http://{settings.host}:{settings.port}/v1 -> {ups}", flush=True)
+    workers = f" on {settings.workers} workers" if settings.workers > 1 else ""
+    print(f"tokenbooth gateway on http://{settings.host}:{settings.port}/v1{workers} -> {ups}", flush=True)
     print(f"  ledger {safe_url(settings.ledger.url) if settings.ledger.enabled else 'off'}; "
           f"metrics http://{settings.host}:{settings.port}/metrics", flush=True)
-    GatewayServer(uvicorn_config(gateway, settings)).run()
+    if settings.workers > 1:
+        if settings.ledger.enabled:
+            connect(settings.ledger.url).dispose()  # create the schema once, before the workers race to
+        run_workers(settings)
+        return
+    GatewayServer(uvicorn_config(build_gateway(settings), settings)).run()
 
 
 def _simulate(args: argparse.Namespace) -> None:

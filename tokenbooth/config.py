@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tokenbooth.errors import ConfigError
 
-__all__ = ["CircuitConfig", "LedgerConfig", "PricingConfig", "RetryConfig", "RouteTarget", "Settings",
-           "TokensConfig", "UpstreamConfig", "load_settings"]
+__all__ = ["CircuitConfig", "LedgerConfig", "NotifyConfig", "PricingConfig", "RetryConfig", "RobotConfig",
+           "RouteTarget", "Settings", "StackConfig", "TokensConfig", "UpstreamConfig", "load_settings"]
 
 ENV_PREFIX = "TOKENBOOTH_"
 
@@ -103,6 +103,17 @@ class LedgerConfig(_Model):
     batch_size: int = Field(500, ge=1, le=100_000)
     flush_interval: float = Field(0.2, gt=0, le=60)  # seconds
     enabled: bool = True
+    # Where writers keep the counters that tell, after a crash, how many rows may be missing.
+    # Default: beside an SQLite file ("<file>.journal"), else ".tokenbooth-journal" in the
+    # working directory.
+    journal_dir: Path | None = None
+
+    def journal_path(self) -> Path:
+        if self.journal_dir is not None:
+            return self.journal_dir
+        if self.url.startswith("sqlite:///") and not self.url.endswith(":memory:"):
+            return Path(self.url.removeprefix("sqlite:///") + ".journal")
+        return Path(".tokenbooth-journal")
 
 
 class PricingConfig(_Model):
@@ -139,6 +150,71 @@ class MetricsConfig(_Model):
     extra_models: tuple[str, ...] = ()  # model names kept as labels besides configured and priced ones
 
 
+class RobotConfig(_Model):
+    """One chat robot the Alertmanager webhook adapter posts to (``/alertmanager/webhook/{kind}``)."""
+
+    url: str
+    secret_env: str | None = None  # DingTalk and Feishu signing secret: the name of the env var holding it
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+    def secret(self) -> str | None:
+        """The signing secret, read from the named environment variable at use."""
+        return (os.environ.get(self.secret_env) or None) if self.secret_env else None
+
+
+class NotifyConfig(_Model):
+    """Where the Alertmanager webhook adapter sends each chat robot's messages."""
+
+    dingtalk: RobotConfig | None = None
+    wecom: RobotConfig | None = None
+    feishu: RobotConfig | None = None
+    slack: RobotConfig | None = None
+    timeout: float = Field(10.0, gt=0)  # seconds for one post to a robot
+
+
+class StackConfig(_Model):
+    """Thresholds of the alert rules written by ``tokenbooth stack init`` (ratios are 0-1, times in seconds)."""
+
+    error_rate: float = Field(0.05, gt=0, lt=1)  # failed share of calls: warning
+    error_rate_critical: float = Field(0.25, gt=0, lt=1)  # failed share of calls: critical
+    min_requests: int = Field(10, ge=1)  # calls in the window before a ratio may alert
+    latency_p95: float = Field(30.0, gt=0)
+    latency_p99: float = Field(60.0, gt=0)
+    ttft_p95: float = Field(5.0, gt=0)
+    rate_limited_ratio: float = Field(0.05, gt=0, lt=1)
+    server_error_ratio: float = Field(0.02, gt=0, lt=1)
+    timeout_ratio: float = Field(0.02, gt=0, lt=1)
+    tool_error_ratio: float = Field(0.1, gt=0, lt=1)
+    in_flight: int = Field(100, ge=1)  # calls in flight per model
+    token_spike_factor: float = Field(3.0, gt=1)  # the last 30 min against the previous day's median
+    token_spike_min_per_minute: float = Field(1000.0, ge=0)
+    currency: str = "USD"  # of the three cost thresholds; converted with pricing.fx
+    cost_per_hour: Decimal = Field(Decimal(25), gt=0)
+    cost_per_day: Decimal = Field(Decimal(400), gt=0)
+    cost_per_month: Decimal = Field(Decimal(10000), gt=0)  # alerts when the 6 h burn projects past it
+    pushgateway_stale: float = Field(3600.0, ge=60)  # seconds since a batch job's last push
+    slo_availability: float = Field(0.995, ge=0.95, lt=1)  # page alerts need a budget under 1/14.4
+    slo_latency: float = Field(30.0, gt=0)  # seconds; must be a bucket of the duration histogram
+    slo_latency_target: float = Field(0.99, ge=0.95, lt=1)
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, v: str) -> str:
+        return v.upper()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StackConfig:
+        if self.error_rate_critical <= self.error_rate:
+            raise ValueError("error_rate_critical must be above error_rate")
+        return self
+
+
 class Settings(_Model):
     """The whole validated configuration."""
 
@@ -152,8 +228,11 @@ class Settings(_Model):
     pricing: PricingConfig = PricingConfig()
     metrics: MetricsConfig = MetricsConfig()
     tokens: TokensConfig = TokensConfig()
+    notify: NotifyConfig = NotifyConfig()
+    stack: StackConfig = StackConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     graceful_shutdown: float = Field(30.0, ge=0)  # seconds to drain in-flight calls on SIGTERM
+    workers: int = Field(1, ge=1, le=64)  # gateway processes sharing the port
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:

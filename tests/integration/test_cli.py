@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -42,30 +40,18 @@ def _wait_http(url: str, proc: subprocess.Popen[str], timeout: float = 20) -> No
     raise AssertionError(f"{url} did not come up")
 
 
-@pytest.fixture
-def sim_url() -> Iterator[str]:
-    proc = subprocess.Popen([*TB, "simulate", "--port", "0", "--seed", "3"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-    assert match, line
-    yield match.group(0)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=10)
-
-
 class Gateway:
-    def __init__(self, tmp: Path, upstream: str) -> None:
+    def __init__(self, tmp: Path, upstream: str, *extra: str, port: int | None = None) -> None:
         self.db = tmp / "ledger.db"
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENBOOTH_")}
         self.proc = subprocess.Popen(
-            [*TB, "serve", "--upstream", upstream, "--port", str(self.port), "--db", f"sqlite:///{self.db}"],
+            [*TB, "serve", "--upstream", upstream, "--port", str(self.port), "--db", f"sqlite:///{self.db}",
+             *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
-        _wait_http(f"http://127.0.0.1:{self.port}/healthz", self.proc)
+        _wait_http(f"http://127.0.0.1:{self.port}/healthz", self.proc, timeout=60)
 
     def rows(self) -> list[sa.Row[tuple[str, str]]]:
         engine = sa.create_engine(f"sqlite:///{self.db}")

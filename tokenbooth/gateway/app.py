@@ -22,6 +22,7 @@ from tokenbooth.config import Settings
 from tokenbooth.errors import MethodNotAllowed, NotFound, TokenboothError, UpstreamStatusError
 from tokenbooth.gateway.proxy import ENDPOINTS, Proxy, Receive, Send, translate_client_error
 from tokenbooth.gateway.upstreams import Router
+from tokenbooth.ledger.journal import Journal
 from tokenbooth.ledger.schema import connect
 from tokenbooth.ledger.writer import LedgerWriter
 from tokenbooth.meter import Meter, ModelLabels
@@ -65,6 +66,10 @@ class Gateway:
         await self.proxy.close()
         if self.ledger is not None:
             self.ledger.close()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -175,9 +180,19 @@ async def _respond(send: Send, status: int, body: bytes, content_type: bytes) ->
 
 
 def build_gateway(settings: Settings, registry: CollectorRegistry | None = None) -> Gateway:
-    """Wire a gateway from settings: router, prices, meter, ledger, metrics registry."""
+    """Wire a gateway from settings: router, prices, meter, ledger, metrics registry.
+
+    Under ``PROMETHEUS_MULTIPROC_DIR`` (``--workers N``) the metrics are written to shared
+    files and ``/metrics`` serves the sum over all worker processes.
+    """
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
+    exposed = registry
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        exposed = CollectorRegistry()
+        multiprocess.MultiProcessCollector(exposed)  # type: ignore[no-untyped-call]
     local = load_price_file(settings.pricing.price_file, settings.pricing.fx) if settings.pricing.price_file \
         else []
     prices = PriceBook(local, settings.pricing.fx)
@@ -187,9 +202,10 @@ def build_gateway(settings: Settings, registry: CollectorRegistry | None = None)
     ledger = None
     if settings.ledger.enabled:
         ledger = LedgerWriter(connect(settings.ledger.url), metrics, batch_size=settings.ledger.batch_size,
-                              flush_interval=settings.ledger.flush_interval)
+                              flush_interval=settings.ledger.flush_interval,
+                              journal=Journal(settings.ledger.journal_path()))
     meter = Meter(metrics, ModelLabels(known), ledger)
     estimator = TokenEstimator(use_bpe=settings.tokens.tokenizer == "bpe")
     estimator.warm()
     proxy = Proxy(router, meter, prices, settings.tokens, estimator, max_attempts=settings.max_attempts)
-    return Gateway(settings, proxy, registry, ledger)
+    return Gateway(settings, proxy, exposed, ledger)

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import shutil
 import signal
 import socket
+import sys
+import tempfile
 import threading
 from collections.abc import Generator
+from typing import Any
 
 import uvicorn
 
 from tokenbooth.config import Settings
 from tokenbooth.gateway.app import Gateway
+from tokenbooth.ledger.journal import recover
 
-__all__ = ["GatewayServer", "uvicorn_config"]
+__all__ = ["GatewayServer", "report_lost_rows", "run_workers", "uvicorn_config", "worker_app"]
 
 
 def _fastest(loop_or_http: str) -> str:
@@ -24,7 +31,7 @@ def _fastest(loop_or_http: str) -> str:
     return "uvloop" if loop_or_http == "loop" else "httptools"
 
 
-def uvicorn_config(gateway: Gateway, settings: Settings) -> uvicorn.Config:
+def uvicorn_config(gateway: Gateway | str, settings: Settings, **extra: Any) -> uvicorn.Config:
     """The uvicorn configuration tokenbooth runs with: no access log, no per-response headers we
     do not need, a graceful-shutdown window for in-flight calls."""
     return uvicorn.Config(
@@ -41,6 +48,7 @@ def uvicorn_config(gateway: Gateway, settings: Settings) -> uvicorn.Config:
         date_header=False,
         timeout_graceful_shutdown=int(settings.graceful_shutdown + 0.999),
         timeout_keep_alive=30,
+        **extra,
     )
 
 
@@ -73,3 +81,48 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
+
+
+_SETTINGS_ENV = "TOKENBOOTH_WORKER_SETTINGS"
+
+
+def worker_app() -> Gateway:
+    """The app factory each worker process calls (``--workers N``): settings come validated
+    from the parent, as JSON in the environment."""
+    from tokenbooth.gateway.app import build_gateway
+
+    settings = Settings.model_validate_json(os.environ[_SETTINGS_ENV])
+    return build_gateway(settings)
+
+
+def report_lost_rows(settings: Settings) -> int:
+    """Say how many calls an earlier run that was killed may have left out of the ledger."""
+    if not settings.ledger.enabled:
+        return 0
+    missing = recover(settings.ledger.journal_path())
+    if missing:
+        message = (f"the previous gateway run ended without a clean shutdown: up to {missing} "
+                   f"calls may be missing from the ledger")
+        logging.getLogger("tokenbooth.ledger").warning(message)
+        print(f"tokenbooth: warning: {message}", file=sys.stderr, flush=True)
+    return missing
+
+
+def run_workers(settings: Settings) -> None:
+    """Serve on ``settings.workers`` processes sharing one socket.
+
+    Metrics use client_python's multiprocess mode (a temporary directory shared by the
+    workers, removed at exit); each worker has its own ledger writer and circuit breakers.
+    """
+    from uvicorn.supervisors import Multiprocess
+
+    metrics_dir = tempfile.mkdtemp(prefix="tokenbooth-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ[_SETTINGS_ENV] = settings.model_dump_json()
+    try:
+        config = uvicorn_config("tokenbooth.gateway.server:worker_app", settings, factory=True,
+                                workers=settings.workers)
+        sock = config.bind_socket()
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

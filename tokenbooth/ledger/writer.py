@@ -20,6 +20,7 @@ import orjson
 from sqlalchemy import Engine
 
 from tokenbooth.catalog import Metrics
+from tokenbooth.ledger.journal import Journal
 from tokenbooth.ledger.schema import insert_sql, row_from_record, row_values, session_row, session_values, sessions
 from tokenbooth.record import CallRecord, SessionRecord
 
@@ -48,7 +49,7 @@ class LedgerWriter:
 
     def __init__(self, engine: Engine, metrics: Metrics, *, batch_size: int = 500,
                  flush_interval: float = 0.2, spill_path: str | Path | None = None,
-                 max_retry_delay: float = 5.0) -> None:
+                 max_retry_delay: float = 5.0, journal: Journal | None = None) -> None:
         self.engine = engine
         self.batch_size = batch_size
         self.flush_interval = flush_interval
@@ -60,7 +61,8 @@ class LedgerWriter:
         self._wake = threading.Event()
         self._written = metrics.ledger_rows.labels("written")
         self._failed = metrics.ledger_rows.labels("failed")
-        metrics.ledger_queue_depth.set_function(self._queue.qsize)
+        self._depth = metrics.ledger_queue_depth
+        self.journal = journal
         self.rows_written = 0
         self.rows_spilled = 0
         self._sql = insert_sql(engine.dialect)
@@ -73,6 +75,8 @@ class LedgerWriter:
     def submit(self, record: Record) -> None:
         """Queue one call record or session roll-up; returns at once."""
         self._queue.put(record)
+        if self.journal is not None:
+            self.journal.add_submitted()
 
     def _convert(self, record: Record) -> tuple[str, tuple[Any, ...]]:
         if isinstance(record, CallRecord):
@@ -100,8 +104,12 @@ class LedgerWriter:
             if self._thread.is_alive():
                 log.error("ledger writer did not finish within %.0f s; %d rows still queued",
                           timeout or 0, self._queue.qsize())
+                return  # the journal stays: the next start reports what may be missing
         else:
             self._drain_and_write()
+        self._depth.set(0)
+        if self.journal is not None:
+            self.journal.close()
 
     def _drain_and_write(self) -> None:
         batch: list[Record] = []
@@ -126,6 +134,7 @@ class LedgerWriter:
             if self._queue.empty():
                 self._wake.wait(self.flush_interval)
             self._wake.clear()
+            self._depth.set(self._queue.qsize())  # a plain set: it also sums across worker processes
             batch: list[Record] = []
             rows: list[tuple[str, tuple[Any, ...]]] = []
             markers: list[_Marker] = []
@@ -182,6 +191,8 @@ class LedgerWriter:
             done += len(chunk)
             self._written.inc(len(chunk))
             self.rows_written += len(chunk)
+            if self.journal is not None:
+                self.journal.add_written(len(chunk))
 
     def _spill(self, batch: list[Record], reason: str) -> None:
         try:

@@ -1,0 +1,79 @@
+"""Several worker processes, and a gateway killed without warning."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.integration.test_cli import Gateway, _load
+
+
+def _children(pid: int) -> list[int]:
+    """The worker processes of a gateway (multiprocessing also starts a resource tracker)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()
+            if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+
+
+def test_two_workers_serve_and_metrics_and_ledger_add_up(tmp_path: Path, sim_url: str) -> None:
+    gw = Gateway(tmp_path, sim_url, "--workers", "2")
+    try:
+        deadline = time.monotonic() + 30
+        while len(_children(gw.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = _children(gw.proc.pid)
+        assert len(workers) == 2
+        answered, failed = asyncio.run(_load(gw.url, 2000, 32))
+        assert (len(answered), failed) == (2000, 0)
+        metrics = httpx.get(f"http://127.0.0.1:{gw.port}/metrics").text
+        # every worker's calls, whichever worker serves the scrape
+        assert _sample(metrics, "tokenbooth_requests_total", outcome="success") == 2000
+        assert _sample(metrics, "tokenbooth_in_flight_requests") == 0
+    finally:
+        code, err = gw.stop()
+    assert code == 0, err
+    rows = gw.rows()
+    assert len(rows) == 2000 and {r.request_id for r in rows} == set(answered)
+    assert len({rid[:14] for rid in answered}) == 2, "both workers answered calls"
+
+
+def test_sigkill_loses_at_most_the_last_batch_and_the_next_start_says_so(tmp_path: Path, sim_url: str) -> None:
+    gw = Gateway(tmp_path, sim_url)
+
+    async def scenario() -> list[str]:
+        answered: list[str] = []
+        load = asyncio.create_task(_load(gw.url, None, 16, stop_after=5.0, answered=answered))
+        while len(answered) < 500:
+            await asyncio.sleep(0.01)
+        gw.proc.send_signal(signal.SIGKILL)
+        await load
+        return answered
+
+    answered = asyncio.run(scenario())
+    gw.proc.communicate(timeout=10)
+    lost = set(answered) - {r.request_id for r in gw.rows()}
+    again = Gateway(tmp_path, sim_url, port=gw.port)
+    try:
+        code, err = again.stop()
+    finally:
+        if again.proc.poll() is None:
+            again.proc.kill()
+    assert code == 0
+    match = re.search(r"up to (\d+) calls may be missing from the ledger", err)
+    assert match, err
+    assert len(lost) <= int(match.group(1)), (len(lost), match.group(1))
+    assert int(match.group(1)) < 500  # a batch's worth at most, not the run
+    # the warning is given once: the journal of the dead run is gone
+    third = Gateway(tmp_path, sim_url, port=gw.port)
+    _, err3 = third.stop()
+    assert "may be missing" not in err3
