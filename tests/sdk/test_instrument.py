@@ -213,3 +213,26 @@ def test_instrument_rejects_other_objects_and_is_idempotent(sim: SimHandle) -> N
     assert tokenbooth.instrument(client, registry=registry) is client
     client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
     assert value(registry, "tokenbooth_requests_total") == 1
+
+
+def test_a_response_already_in_memory_is_metered_too() -> None:
+    """Transports that hand back a read body (test transports, caches) are metered at once."""
+    import sys
+
+    import orjson
+
+    probe = track(openai.OpenAI(base_url="http://upstream.test/v1", api_key="k", max_retries=0))
+    lib = sys.modules[type(probe._client._transport).__module__.split(".")[0]]  # httpx or httpx2
+    body = orjson.dumps({"id": "x", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                      "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}})
+    transport = lib.MockTransport(lambda request: lib.Response(200, content=body,
+                                                               headers={"content-type": "application/json"}))
+    client = track(openai.OpenAI(base_url="http://upstream.test/v1", api_key="k", max_retries=0,
+                                 http_client=type(probe._client)(transport=transport)))
+    registry = CollectorRegistry()
+    tokenbooth.instrument(client, registry=registry)
+    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    assert value(registry, "tokenbooth_tokens_total", type="input") == 7
+    assert value(registry, "tokenbooth_requests_total", outcome="success") == 1

@@ -176,6 +176,17 @@ class Exchange:
             log.exception("recording a call failed")
 
 
+def _already_read(response: Any, exchange: Exchange) -> bool:
+    """A transport may hand back a response whose body is already in memory (test transports,
+    caches): meter it now, since nothing will read its stream."""
+    content = response.__dict__.get("_content")
+    if content is None:
+        return False
+    exchange.chunk(content)
+    exchange.end()
+    return True
+
+
 _stream_classes: dict[str, tuple[type, type]] = {}
 
 
@@ -263,6 +274,8 @@ class MeteringTransport:
             exchange.fail(exc)
             raise
         exchange.response(response.status_code, response.headers)
+        if _already_read(response, exchange):
+            return response
         response.stream = self._sync_stream(response.stream, exchange)
         return response
 
@@ -276,6 +289,8 @@ class MeteringTransport:
             exchange.fail(exc)
             raise
         exchange.response(response.status_code, response.headers)
+        if _already_read(response, exchange):
+            return response
         response.stream = self._async_stream(response.stream, exchange)
         return response
 
