@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tokenbooth.catalog import total
 from tokenbooth.config import Settings, load_settings
 from tokenbooth.gateway.app import Gateway, build_gateway
 from tokenbooth.gateway.server import GatewayServer, bind_socket, uvicorn_config
@@ -66,6 +67,18 @@ class SimHandle:
 
     def script(self, actions: list[dict[str, Any]]) -> None:
         httpx.post(f"{self.base}/_sim/script", json={"script": actions}).raise_for_status()
+
+    def spy_headers(self) -> list[dict[str, str]]:
+        """Record the (lower-cased) request headers of every generation call from now on."""
+        seen: list[dict[str, str]] = []
+        original = self.sim._generate
+
+        async def spy(request: Any, api: str) -> Any:
+            seen.append({k.lower(): v for k, v in request.headers.items()})
+            return await original(request, api)
+
+        self.sim._generate = spy  # type: ignore[method-assign]
+        return seen
 
     def faults(self, spec: str) -> None:
         httpx.post(f"{self.base}/_sim/faults", json={"faults": spec}).raise_for_status()
@@ -126,12 +139,20 @@ class GatewayHandle:
         assert self.gateway.ledger.flush(10)
 
     def sample(self, name: str, **labels: str) -> float:
-        total = 0.0
-        for metric in self.registry.collect():
-            for s in metric.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    total += s.value
-        return total
+        return total(self.registry, name, **labels)
+
+    def rows(self) -> list[Any]:
+        """Every ledger row written so far, oldest first (flushes the writer first)."""
+        import sqlalchemy as sa
+
+        from tokenbooth.ledger.schema import calls
+
+        self.flush()
+        engine = sa.create_engine(self.settings.ledger.url)
+        with engine.connect() as conn:
+            rows = list(conn.execute(sa.select(calls).order_by(calls.c.id)).all())
+        engine.dispose()
+        return rows
 
     def stop(self) -> None:
         self.server.should_exit = True

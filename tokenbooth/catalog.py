@@ -12,7 +12,7 @@ from typing import Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["CATALOG", "DURATION_BUCKETS", "MetricSpec", "Metrics", "render_markdown"]
+__all__ = ["CATALOG", "DURATION_BUCKETS", "MetricSpec", "Metrics", "render_markdown", "total"]
 
 Kind = Literal["counter", "gauge", "histogram"]
 
@@ -139,6 +139,19 @@ class Metrics:
         self.tool_duration: Histogram = made["tool_duration_seconds"]  # type: ignore[assignment]
         self.push_failures: Counter = made["pushgateway_failures"]  # type: ignore[assignment]
         self.calls_recorded = 0  # how many calls the meters have recorded here (for push batching)
+
+
+def total(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """The sum of a sample's values over the series matching ``labels`` (all series when none).
+
+    >>> total(registry, "tokenbooth_requests_total", outcome="error")   # doctest: +SKIP
+    """
+    value = 0.0
+    for metric in registry.collect():
+        for s in metric.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                value += s.value
+    return value
 
 
 def spec(name: str) -> MetricSpec:

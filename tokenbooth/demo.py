@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry
 
+from tokenbooth.catalog import total
 from tokenbooth.config import load_settings
 from tokenbooth.errors import ConfigError
 from tokenbooth.gateway.app import build_gateway
@@ -30,15 +31,6 @@ _MIX = (
     ("gpt-4o-mini", 1, "completions"),
     ("text-embedding-3-small", 1, "embeddings"),
 )
-
-
-def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    total = 0.0
-    for metric in registry.collect():
-        for s in metric.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 async def _client(base: str, session: aiohttp.ClientSession, stop: asyncio.Event, rng: random.Random) -> None:
@@ -120,9 +112,9 @@ async def run_demo(duration: float = 60.0, port: int = 8080, db: str = "sqlite:/
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 5)
-            calls = _sample(registry, "tokenbooth_requests_total")
-            errors = _sample(registry, "tokenbooth_requests_total", outcome="error")
-            cost = _sample(registry, "tokenbooth_cost_usd_total")
+            calls = total(registry, "tokenbooth_requests_total")
+            errors = total(registry, "tokenbooth_requests_total", outcome="error")
+            cost = total(registry, "tokenbooth_cost_usd_total")
             print(f"  {time.monotonic() - started:5.0f} s  {calls:6.0f} calls  {errors:4.0f} errors  "
                   f"${cost:.6f}", flush=True)
         await asyncio.gather(*clients, return_exceptions=True)

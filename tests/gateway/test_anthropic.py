@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any
 
 import anthropic
 import httpx
 import pytest
-import sqlalchemy as sa
 
 from tests.conftest import GatewayHandle, SimHandle, track
-from tokenbooth.ledger.schema import calls
 
 MODEL = "claude-haiku-4-5"
 # Uncached input, cache reads and cache writes are reported apart by Anthropic.
@@ -22,14 +19,6 @@ USAGE = {"input_tokens": 100, "cache_read_input_tokens": 2000, "cache_creation_i
 HAND_COST = (Decimal(100) * 1 + Decimal(2000) * Decimal("0.1") + Decimal(500) * Decimal("1.25")
              + Decimal(300) * 5) / 10**6  # = 0.002425
 
-
-def _rows(gw: GatewayHandle) -> list[Any]:
-    gw.flush()
-    engine = sa.create_engine(gw.settings.ledger.url)
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(calls).order_by(calls.c.id)).all()
-    engine.dispose()
-    return rows
 
 
 @pytest.fixture
@@ -47,7 +36,7 @@ def test_messages_with_cache_tokens_are_metered_and_priced_exactly(gw: GatewayHa
     message = _client(gw).messages.create(model=MODEL, max_tokens=300,
                                           messages=[{"role": "user", "content": "hello"}])
     assert message.content[0].type == "text" and message.usage.cache_read_input_tokens == 2000
-    row = _rows(gw)[0]
+    row = gw.rows()[0]
     assert (row.provider, row.operation, row.streamed) == ("anthropic", "chat", False)
     assert (row.input_tokens, row.cached_input_tokens, row.cache_write_tokens, row.output_tokens) == \
         (2600, 2000, 500, 300)
@@ -65,7 +54,7 @@ def test_streamed_messages_are_metered_with_cache_tokens(gw: GatewayHandle, sim:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text and final.usage.output_tokens == 300
-    row = _rows(gw)[0]
+    row = gw.rows()[0]
     assert row.streamed and row.outcome == "success" and not row.tokens_estimated
     assert (row.input_tokens, row.cached_input_tokens, row.cache_write_tokens, row.output_tokens) == \
         (2600, 2000, 500, 300)
@@ -73,20 +62,8 @@ def test_streamed_messages_are_metered_with_cache_tokens(gw: GatewayHandle, sim:
     assert row.ttft_s is not None and row.ttft_s <= row.duration_s
 
 
-def _spy_headers(sim: SimHandle) -> list[dict[str, str]]:
-    seen: list[dict[str, str]] = []
-    original = sim.sim._generate
-
-    async def spy(request: Any, api: str) -> Any:
-        seen.append({k.lower(): v for k, v in request.headers.items()})
-        return await original(request, api)
-
-    sim.sim._generate = spy  # type: ignore[method-assign]
-    return seen
-
-
 def test_the_clients_credentials_and_version_pass_through(gw: GatewayHandle, sim: SimHandle) -> None:
-    seen = _spy_headers(sim)
+    seen = sim.spy_headers()
     _client(gw).messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}])
     # anthropic SDKs send the key as x-api-key (older) or a bearer token (newer): either passes
     assert "sk-ant-client" in (seen[0].get("x-api-key", "") + seen[0].get("authorization", ""))
@@ -98,7 +75,7 @@ def test_a_configured_key_goes_upstream_as_x_api_key(
 ) -> None:
     monkeypatch.setenv("ANT_KEY", "sk-ant-upstream")
     gw = make_gateway([{"name": "a", "base_url": sim.url, "provider": "anthropic", "api_key_env": "ANT_KEY"}])
-    seen = _spy_headers(sim)
+    seen = sim.spy_headers()
     _client(gw).messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}])
     assert seen[0]["x-api-key"] == "sk-ant-upstream" and "authorization" not in seen[0]
 
@@ -135,7 +112,7 @@ def test_a_hung_up_anthropic_stream_keeps_the_reported_input_and_estimates_outpu
     deadline = time.time() + 3
     while gw.sample("tokenbooth_requests_total", outcome="cancelled") == 0 and time.time() < deadline:
         time.sleep(0.02)
-    row = _rows(gw)[0]
+    row = gw.rows()[0]
     assert row.outcome == "cancelled" and row.tokens_estimated
     assert (row.input_tokens, row.cached_input_tokens) == (2600, 2000)  # reported at message_start
     assert 3 <= row.output_tokens < 100

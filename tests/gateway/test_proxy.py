@@ -10,22 +10,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import sqlalchemy as sa
 from genai_prices import Usage, calc_price
 
 from tests.conftest import GatewayHandle, SimHandle, track
-from tokenbooth.ledger.schema import calls
 
 NO_RETRY = {"attempts": 1}
 
-
-def _rows(gw: GatewayHandle) -> list[Any]:
-    gw.flush()
-    engine = sa.create_engine(gw.settings.ledger.url)
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(calls).order_by(calls.c.id)).all()
-    engine.dispose()
-    return rows
 
 
 def test_official_openai_client_works_unchanged_and_is_metered(gateway: GatewayHandle, sim: SimHandle) -> None:
@@ -58,7 +48,7 @@ def test_official_openai_client_works_unchanged_and_is_metered(gateway: GatewayH
         Decimal(0),
     )
     assert gateway.sample("tokenbooth_cost_usd_total") == pytest.approx(float(expected_cost), abs=1e-12)
-    rows = _rows(gateway)
+    rows = gateway.rows()
     assert len(rows) == 3
     assert sum(r.cost_usd for r in rows) == expected_cost
 
@@ -99,7 +89,7 @@ def test_fixed_traffic_sample_matches_a_hand_computed_bill(
     for model, _, _ in HAND_SAMPLE:
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
 
-    rows = _rows(gw)
+    rows = gw.rows()
     assert [r.model for r in rows] == [m for m, _, _ in HAND_SAMPLE]
     for row, (model, _, expected) in zip(rows, HAND_SAMPLE, strict=True):
         assert abs(row.cost_usd - expected) < Decimal("1e-9"), model
@@ -115,7 +105,7 @@ def test_fixed_traffic_sample_matches_a_hand_computed_bill(
 def test_unknown_price_is_unpriced_never_zero(gateway: GatewayHandle) -> None:
     client = track(openai.OpenAI(base_url=gateway.url, api_key="k", max_retries=0))
     client.chat.completions.create(model="my-private-model-7b", messages=[{"role": "user", "content": "x"}])
-    row = _rows(gateway)[0]
+    row = gateway.rows()[0]
     assert row.cost_usd is None and row.cost is None and row.input_tokens > 0
     assert gateway.sample("tokenbooth_unpriced_requests_total", model="other") == 1
     # an unknown model name is folded into "other": a typo never mints a series
@@ -200,7 +190,7 @@ def test_upstream_failures_are_passed_through_classified_and_recorded(
     else:
         assert err["type"] == "upstream_error"
     assert gateway.sample("tokenbooth_requests_total", outcome="error", error_type=error_type) == 1
-    row = _rows(gateway)[0]
+    row = gateway.rows()[0]
     assert (row.outcome, row.error_type) == ("error", error_type)
     _good_call(gateway)
 
@@ -236,14 +226,7 @@ def test_upstream_key_never_leaks_into_errors_metrics_ledger_or_logs(
     monkeypatch.setenv("SIM_KEY", secret)
     gw = make_gateway([{"name": "sim", "base_url": sim.url, "api_key_env": "SIM_KEY", "models": ["*"],
                         "retry": NO_RETRY}])
-    seen: list[str] = []
-    original = sim.sim._generate
-
-    async def spy(request: Any, chat: bool) -> Any:
-        seen.append(request.headers.get("Authorization", ""))
-        return await original(request, chat)
-
-    sim.sim._generate = spy  # type: ignore[method-assign]
+    seen = sim.spy_headers()
     caplog.set_level(logging.DEBUG)
     sim.script([{"status": 500, "message": "boom"}, {"fault": "malformed"}, {}])
     texts = []
@@ -251,26 +234,19 @@ def test_upstream_key_never_leaks_into_errors_metrics_ledger_or_logs(
         r = httpx.post(f"{gw.url}/chat/completions", headers={"Authorization": "Bearer client-key"},
                        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})
         texts.append(r.text + str(r.headers))
-    assert seen == [f"Bearer {secret}"] * 3  # the configured key replaces the client's
+    assert [h["authorization"] for h in seen] == [f"Bearer {secret}"] * 3  # the configured key replaces the client's
     texts.append(httpx.get(f"{gw.base}/metrics").text)
-    texts.append(repr([tuple(r) for r in _rows(gw)]))
+    texts.append(repr([tuple(r) for r in gw.rows()]))
     texts.append(caplog.text)
     for text in texts:
         assert secret not in text
 
 
 def test_client_authorization_is_passed_through_without_upstream_key(gateway: GatewayHandle, sim: SimHandle) -> None:
-    seen: list[str] = []
-    original = sim.sim._generate
-
-    async def spy(request: Any, chat: bool) -> Any:
-        seen.append(request.headers.get("Authorization", ""))
-        return await original(request, chat)
-
-    sim.sim._generate = spy  # type: ignore[method-assign]
+    seen = sim.spy_headers()
     _ = httpx.post(f"{gateway.url}/chat/completions", headers={"Authorization": "Bearer sk-user"},
                    json={"model": "gpt-4o-mini", "messages": []})
-    assert seen == ["Bearer sk-user"]
+    assert [h["authorization"] for h in seen] == ["Bearer sk-user"]
 
 
 def test_stream_is_passed_through_unbuffered_and_metered(make_sim: Callable[..., SimHandle],
@@ -295,7 +271,7 @@ def test_stream_is_passed_through_unbuffered_and_metered(make_sim: Callable[...,
     assert usage is not None and len(text) == 10
     # chunks arrive spread over the stream, not all at once at the end
     assert arrivals[-1] - arrivals[1] > 0.3
-    row = _rows(gw)[0]
+    row = gw.rows()[0]
     assert row.streamed and row.outcome == "success"
     assert row.output_tokens == usage.completion_tokens == 10
     assert 0.15 < row.ttft_s < 0.5

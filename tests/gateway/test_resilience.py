@@ -9,23 +9,13 @@ from typing import Any
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
 from tests.conftest import GatewayHandle, SimHandle
 from tokenbooth.gateway.server import bind_socket
-from tokenbooth.ledger.schema import calls
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
 FAST = {"attempts": 3, "backoff_base": 0.01, "backoff_max": 0.05}
 
-
-def _rows(gw: GatewayHandle) -> list[Any]:
-    gw.flush()
-    engine = sa.create_engine(gw.settings.ledger.url)
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(calls).order_by(calls.c.id)).all()
-    engine.dispose()
-    return rows
 
 
 def _post(gw: GatewayHandle, body: dict[str, Any] = CHAT) -> httpx.Response:
@@ -40,7 +30,7 @@ def test_retry_after_is_honoured(make_gateway: Callable[..., GatewayHandle], sim
     elapsed = time.perf_counter() - t0
     assert r.status_code == 200 and elapsed >= 2.0
     assert sim.stats()["total"] == 2
-    row = _rows(gw)[0]
+    row = gw.rows()[0]
     assert (row.outcome, row.attempts) == ("success", 2)
     assert gw.sample("tokenbooth_upstream_retries_total", upstream="sim", reason="rate_limited") == 1
 
@@ -52,7 +42,7 @@ def test_two_503s_then_200_take_exactly_three_upstream_calls(
     sim.script([{"status": 503}, {"status": 503}, {}])
     assert _post(gw).status_code == 200
     assert sim.stats()["total"] == 3
-    assert _rows(gw)[0].attempts == 3
+    assert gw.rows()[0].attempts == 3
     assert gw.sample("tokenbooth_upstream_retries_total", reason="server_error") == 2
 
 
@@ -64,7 +54,7 @@ def test_persistent_500_gives_an_openai_error_after_the_configured_attempts(
     r = _post(gw)
     assert r.status_code == 500 and r.json()["error"]["message"] == "simulated 500"
     assert sim.stats()["total"] == 4
-    row = _rows(gw)[0]
+    row = gw.rows()[0]
     assert (row.outcome, row.error_type, row.attempts, row.http_status) == ("error", "server_error", 4, 500)
 
 
@@ -139,7 +129,7 @@ def test_fallback_chain_serves_from_the_healthy_upstream_at_its_price(
         sim.script([{"usage": {"prompt_tokens": 1000, "completion_tokens": 500}}])
         r = _post(gw, {**CHAT, "model": "smart"})
         assert r.status_code == 200 and r.json()["model"] == "b-model"
-    rows = _rows(gw)
+    rows = gw.rows()
     assert {(r.upstream, r.model, r.served_model) for r in rows} == {("b", "smart", "b-model")}
     assert {r.cost_usd for r in rows} == {Decimal(1000) * 1 / 10**6 + Decimal(500) * 2 / 10**6}
     assert rows[0].fallback_path == "a:a-model!connection>b:b-model"
@@ -166,7 +156,7 @@ def test_total_attempts_never_exceed_the_cap_across_fallbacks(
     total = sum(s.stats()["total"] for s in (a, b, c))
     assert total == 5, total
     assert (a.stats()["total"], b.stats()["total"], c.stats()["total"]) == (3, 2, 0)
-    assert _rows(gw)[0].attempts == 5
+    assert gw.rows()[0].attempts == 5
 
 
 def test_nothing_is_retried_once_a_stream_has_started(
@@ -178,7 +168,7 @@ def test_nothing_is_retried_once_a_stream_has_started(
         raw = resp.read()
     assert b'"error"' in raw
     assert sim.stats()["total"] == 1
-    assert _rows(gw)[0].attempts == 1
+    assert gw.rows()[0].attempts == 1
 
 
 @pytest.mark.parametrize("status", [502, 504])

@@ -10,19 +10,8 @@ import httpx
 import openai
 import orjson
 import pytest
-import sqlalchemy as sa
 
 from tests.conftest import GatewayHandle, SimHandle, track
-from tokenbooth.ledger.schema import calls
-
-
-def _rows(gw: GatewayHandle) -> list[Any]:
-    gw.flush()
-    engine = sa.create_engine(gw.settings.ledger.url)
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(calls).order_by(calls.c.id)).all()
-    engine.dispose()
-    return rows
 
 
 def _events(raw: bytes) -> list[dict[str, Any]]:
@@ -55,7 +44,7 @@ def test_first_chunk_reaches_the_client_as_the_upstream_sends_it(slow_gw: tuple[
         lags.append(first_content_at - sim.sim.first_content_sent[attempt])  # same process, same clock
     lag = min(lags)
     assert 0 <= lag < 0.05, f"first chunk reached the client {lag * 1000:.1f} ms after the upstream sent it"
-    rows = _rows(gw)
+    rows = gw.rows()
     assert min(r.ttft_s for r in rows) > 0.29 and sorted(r.ttft_s for r in rows)[1] < 0.4
     assert all(r.duration_s >= r.ttft_s + 11 * 0.02 * 0.9 for r in rows)  # the histogram covers the stream
     assert gw.sample("tokenbooth_time_to_first_token_seconds_count") == 3
@@ -78,7 +67,7 @@ def test_usage_is_captured_without_the_client_seeing_it(gateway: GatewayHandle, 
     events = _events(raw)
     assert events and all("usage" not in e for e in events), raw[-400:]
     assert raw.rstrip().endswith(b"data: [DONE]")
-    row = _rows(gateway)[0]
+    row = gateway.rows()[0]
     assert (row.input_tokens, row.output_tokens, row.cached_input_tokens) == (1234, 8, 1024)
     assert not row.tokens_estimated
     assert gateway.sample("tokenbooth_tokens_total", type="cached_input") == 1024
@@ -91,7 +80,7 @@ def test_usage_passes_through_when_the_client_asked_for_it(gateway: GatewayHandl
         model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], stream=True,
         stream_options={"include_usage": True}))
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 1234
-    assert _rows(gateway)[0].input_tokens == 1234
+    assert gateway.rows()[0].input_tokens == 1234
 
 
 def test_a_client_that_hangs_up_is_cancelled_with_estimated_tokens(slow_gw: tuple[GatewayHandle, SimHandle]) -> None:
@@ -113,7 +102,7 @@ def test_a_client_that_hangs_up_is_cancelled_with_estimated_tokens(slow_gw: tupl
     deadline = time.time() + 3
     while gw.sample("tokenbooth_requests_total", outcome="cancelled") == 0 and time.time() < deadline:
         time.sleep(0.02)
-    row = _rows(gw)[0]
+    row = gw.rows()[0]
     assert (row.outcome, row.error_type) == ("cancelled", "cancelled")
     assert row.tokens_estimated and row.output_tokens >= 2 and row.input_tokens > 0
     assert row.cost_usd is not None and row.cost_usd > 0  # what was billed is counted
@@ -130,7 +119,7 @@ def test_a_broken_upstream_stream_ends_the_clients_stream_with_an_error(
         raw = resp.read()
     events = _events(raw)
     assert "error" in events[-1], raw[-300:]
-    row = _rows(gateway)[0]
+    row = gateway.rows()[0]
     assert (row.outcome, row.error_type) == ("error", error_type)
     assert row.tokens_estimated and row.output_tokens > 0
     gw_client = track(openai.OpenAI(base_url=gateway.url, api_key="k", max_retries=0))
@@ -143,7 +132,7 @@ def test_missing_usage_is_estimated_and_marked(gateway: GatewayHandle, sim: SimH
     r = httpx.post(f"{gateway.url}/chat/completions",
                    json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]})
     assert r.status_code == 200
-    row = _rows(gateway)[0]
+    row = gateway.rows()[0]
     assert row.tokens_estimated
     assert row.input_tokens == 10 + 3 + 3  # o200k tokens of the text, plus chat framing
     assert row.output_tokens > 0 and row.cost_usd > 0
@@ -158,7 +147,7 @@ def test_a_reported_usage_far_from_the_estimate_is_flagged(
         httpx.post(f"{gw.url}/chat/completions",
                    json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}],
                          "max_tokens": 16}).raise_for_status()
-    honest, inflated = _rows(gw)
+    honest, inflated = gw.rows()
     assert not honest.tokens_mismatch and inflated.tokens_mismatch
     assert inflated.input_tokens == 5000  # reported usage still wins
     assert gw.sample("tokenbooth_token_estimate_mismatch_total") == 1

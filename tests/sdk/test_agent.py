@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 import tokenbooth
 from tests.conftest import SimHandle, track
-from tests.sdk.test_instrument import value
+from tokenbooth.catalog import total
 from tokenbooth.ledger.schema import calls, sessions
 from tokenbooth.sdk.runtime import get_runtime
 
@@ -50,7 +50,7 @@ def test_sync_session_with_steps_a_failing_tool_and_a_timing_out_tool(sim: SimHa
         time.sleep(0.5)
 
     with tokenbooth.agent_session("support", registry=registry, ledger=db) as session:
-        assert value(registry, "tokenbooth_agent_sessions_active", agent="support") == 1
+        assert total(registry, "tokenbooth_agent_sessions_active", agent="support") == 1
         with session.step("plan"):
             client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "plan"}])
         with session.step("act"):
@@ -63,15 +63,15 @@ def test_sync_session_with_steps_a_failing_tool_and_a_timing_out_tool(sim: SimHa
         with session.step("act"):
             client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "answer"}])
 
-    assert value(registry, "tokenbooth_agent_sessions_active", agent="support") == 0
-    assert value(registry, "tokenbooth_tool_calls_total", tool="search", status="success") == 1
-    assert value(registry, "tokenbooth_tool_calls_total", tool="flaky", status="error") == 1
-    assert value(registry, "tokenbooth_tool_calls_total", tool="slow", status="timeout") == 1
-    assert value(registry, "tokenbooth_tool_duration_seconds_count") == 3
-    assert value(registry, "tokenbooth_agent_session_steps_sum", agent="support") == 3
-    assert value(registry, "tokenbooth_agent_session_steps_count", agent="support") == 1
-    assert value(registry, "tokenbooth_agent_step_duration_seconds_count", step_type="act") == 2
-    assert value(registry, "tokenbooth_agent_session_duration_seconds_count", outcome="success") == 1
+    assert total(registry, "tokenbooth_agent_sessions_active", agent="support") == 0
+    assert total(registry, "tokenbooth_tool_calls_total", tool="search", status="success") == 1
+    assert total(registry, "tokenbooth_tool_calls_total", tool="flaky", status="error") == 1
+    assert total(registry, "tokenbooth_tool_calls_total", tool="slow", status="timeout") == 1
+    assert total(registry, "tokenbooth_tool_duration_seconds_count") == 3
+    assert total(registry, "tokenbooth_agent_session_steps_sum", agent="support") == 3
+    assert total(registry, "tokenbooth_agent_session_steps_count", agent="support") == 1
+    assert total(registry, "tokenbooth_agent_step_duration_seconds_count", step_type="act") == 2
+    assert total(registry, "tokenbooth_agent_session_duration_seconds_count", outcome="success") == 1
 
     call_rows, session_rows = _ledger_rows(db, registry)
     (rollup,) = session_rows
@@ -110,10 +110,10 @@ def test_async_session_tools_and_an_exception_marks_the_session_failed(sim: SimH
 
     with pytest.raises(RuntimeError):
         asyncio.run(main())
-    assert value(registry, "tokenbooth_tool_calls_total", tool="fetch", status="timeout") == 1
-    assert value(registry, "tokenbooth_agent_session_duration_seconds_count", agent="researcher",
+    assert total(registry, "tokenbooth_tool_calls_total", tool="fetch", status="timeout") == 1
+    assert total(registry, "tokenbooth_agent_session_duration_seconds_count", agent="researcher",
                  outcome="error") == 1
-    assert value(registry, "tokenbooth_agent_sessions_active", agent="researcher") == 0
+    assert total(registry, "tokenbooth_agent_sessions_active", agent="researcher") == 0
 
 
 def test_calls_outside_a_session_are_not_attributed(sim: SimHandle) -> None:

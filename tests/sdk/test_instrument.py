@@ -18,20 +18,12 @@ from prometheus_client import CollectorRegistry
 
 import tokenbooth
 from tests.conftest import SimHandle, track
+from tokenbooth.catalog import total
 from tokenbooth.errors import UsageError
 from tokenbooth.ledger.schema import calls
 
 USAGE = {"prompt_tokens": 1500, "completion_tokens": 40, "total_tokens": 1540,
          "prompt_tokens_details": {"cached_tokens": 1024}, "completion_tokens_details": {"reasoning_tokens": 0}}
-
-
-def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    total = 0.0
-    for metric in registry.collect():
-        for s in metric.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def _openai(sim: SimHandle, registry: CollectorRegistry, **kw: Any) -> openai.OpenAI:
@@ -47,12 +39,12 @@ def test_sync_calls_are_counted_with_exact_tokens_and_cost(sim: SimHandle) -> No
     completion = client.completions.create(model="gpt-4o-mini", prompt="once", max_tokens=5)
     embedding = client.embeddings.create(model="text-embedding-3-small", input="hello")
     assert chat.usage is not None and chat.usage.prompt_tokens == 1500
-    assert value(registry, "tokenbooth_requests_total", outcome="success") == 3
-    assert value(registry, "tokenbooth_requests_total", operation="embeddings") == 1
+    assert total(registry, "tokenbooth_requests_total", outcome="success") == 3
+    assert total(registry, "tokenbooth_requests_total", operation="embeddings") == 1
     assert completion.usage is not None
-    assert value(registry, "tokenbooth_tokens_total", type="input") == \
+    assert total(registry, "tokenbooth_tokens_total", type="input") == \
         1500 + completion.usage.prompt_tokens + embedding.usage.prompt_tokens
-    assert value(registry, "tokenbooth_tokens_total", type="cached_input") == 1024
+    assert total(registry, "tokenbooth_tokens_total", type="cached_input") == 1024
     expected = (calc_price(Usage(input_tokens=1500, output_tokens=40, cache_read_tokens=1024), "gpt-4o-mini",
                            provider_id="openai").total_price
                 + calc_price(Usage(input_tokens=completion.usage.prompt_tokens,
@@ -60,8 +52,8 @@ def test_sync_calls_are_counted_with_exact_tokens_and_cost(sim: SimHandle) -> No
                              provider_id="openai").total_price
                 + calc_price(Usage(input_tokens=embedding.usage.prompt_tokens), "text-embedding-3-small",
                              provider_id="openai").total_price)
-    assert value(registry, "tokenbooth_cost_usd_total") == pytest.approx(float(expected), abs=1e-12)
-    assert value(registry, "tokenbooth_in_flight_requests") == 0
+    assert total(registry, "tokenbooth_cost_usd_total") == pytest.approx(float(expected), abs=1e-12)
+    assert total(registry, "tokenbooth_in_flight_requests") == 0
 
 
 def test_async_client(sim: SimHandle) -> None:
@@ -82,8 +74,8 @@ def test_async_client(sim: SimHandle) -> None:
             await client.close()
 
     asyncio.run(main())
-    assert value(registry, "tokenbooth_requests_total", model="gpt-4o", outcome="success") == 6
-    assert value(registry, "tokenbooth_time_to_first_token_seconds_count") == 1
+    assert total(registry, "tokenbooth_requests_total", model="gpt-4o", outcome="success") == 6
+    assert total(registry, "tokenbooth_time_to_first_token_seconds_count") == 1
 
 
 def test_streaming_records_ttft_and_the_reported_usage(make_sim: Callable[..., SimHandle]) -> None:
@@ -101,10 +93,10 @@ def test_streaming_records_ttft_and_the_reported_usage(make_sim: Callable[..., S
             first = time.perf_counter() - t0
         usage = chunk.usage or usage
     assert usage is not None and usage.completion_tokens == 12
-    assert value(registry, "tokenbooth_requests_total", outcome="success") == 1
-    assert value(registry, "tokenbooth_tokens_total", type="output") == 12
-    assert value(registry, "tokenbooth_tokens_total", type="input") == 1500
-    ttft_sum = value(registry, "tokenbooth_time_to_first_token_seconds_sum")
+    assert total(registry, "tokenbooth_requests_total", outcome="success") == 1
+    assert total(registry, "tokenbooth_tokens_total", type="output") == 12
+    assert total(registry, "tokenbooth_tokens_total", type="input") == 1500
+    ttft_sum = total(registry, "tokenbooth_time_to_first_token_seconds_sum")
     assert first is not None and 0.19 < ttft_sum <= first + 0.01
 
 
@@ -124,8 +116,8 @@ def test_an_abandoned_stream_is_recorded_as_cancelled_with_estimated_tokens(
             if seen == 2:
                 break
     stream.close()
-    assert value(registry, "tokenbooth_requests_total", outcome="cancelled", error_type="cancelled") == 1
-    assert value(registry, "tokenbooth_in_flight_requests") == 0
+    assert total(registry, "tokenbooth_requests_total", outcome="cancelled", error_type="cancelled") == 1
+    assert total(registry, "tokenbooth_in_flight_requests") == 0
     from tokenbooth.sdk.runtime import get_runtime
 
     ledger = get_runtime(registry, db).ledger
@@ -149,9 +141,9 @@ def test_errors_keep_the_clients_own_types_and_are_classified(sim: SimHandle) ->
     tokenbooth.instrument(dead, registry=registry)
     with pytest.raises(openai.APIConnectionError):
         dead.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
-    assert value(registry, "tokenbooth_requests_total", error_type="rate_limited") == 1
-    assert value(registry, "tokenbooth_requests_total", error_type="server_error") == 1
-    assert value(registry, "tokenbooth_requests_total", error_type="connection") == 1
+    assert total(registry, "tokenbooth_requests_total", error_type="rate_limited") == 1
+    assert total(registry, "tokenbooth_requests_total", error_type="server_error") == 1
+    assert total(registry, "tokenbooth_requests_total", error_type="connection") == 1
 
 
 def test_client_retries_are_each_metered(sim: SimHandle) -> None:
@@ -160,8 +152,8 @@ def test_client_retries_are_each_metered(sim: SimHandle) -> None:
                                    registry=registry)
     sim.script([{"status": 429, "retry_after": 0}, {}])
     client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
-    assert value(registry, "tokenbooth_requests_total", error_type="rate_limited") == 1
-    assert value(registry, "tokenbooth_requests_total", outcome="success") == 1
+    assert total(registry, "tokenbooth_requests_total", error_type="rate_limited") == 1
+    assert total(registry, "tokenbooth_requests_total", outcome="success") == 1
 
 
 def test_anthropic_sync_async_and_stream_helper(sim: SimHandle) -> None:
@@ -184,12 +176,12 @@ def test_anthropic_sync_async_and_stream_helper(sim: SimHandle) -> None:
         await async_client.close()
 
     asyncio.run(run_async())
-    assert value(registry, "tokenbooth_requests_total", provider="anthropic", outcome="success") == 3
-    assert value(registry, "tokenbooth_tokens_total", type="cache_write") == 1500
-    assert value(registry, "tokenbooth_tokens_total", type="input") == 3 * 2600
+    assert total(registry, "tokenbooth_requests_total", provider="anthropic", outcome="success") == 3
+    assert total(registry, "tokenbooth_tokens_total", type="cache_write") == 1500
+    assert total(registry, "tokenbooth_tokens_total", type="input") == 3 * 2600
     one = (Decimal(100) * 1 + Decimal(2000) * Decimal("0.1") + Decimal(500) * Decimal("1.25") + Decimal(300) * 5) \
         / 10**6
-    assert value(registry, "tokenbooth_cost_usd_total") == pytest.approx(float(3 * one), abs=1e-12)
+    assert total(registry, "tokenbooth_cost_usd_total") == pytest.approx(float(3 * one), abs=1e-12)
 
 
 def test_a_metering_failure_never_breaks_the_call(sim: SimHandle, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -212,7 +204,7 @@ def test_instrument_rejects_other_objects_and_is_idempotent(sim: SimHandle) -> N
     client = _openai(sim, registry)
     assert tokenbooth.instrument(client, registry=registry) is client
     client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
-    assert value(registry, "tokenbooth_requests_total") == 1
+    assert total(registry, "tokenbooth_requests_total") == 1
 
 
 def test_a_response_already_in_memory_is_metered_too() -> None:
@@ -234,5 +226,5 @@ def test_a_response_already_in_memory_is_metered_too() -> None:
     registry = CollectorRegistry()
     tokenbooth.instrument(client, registry=registry)
     client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
-    assert value(registry, "tokenbooth_tokens_total", type="input") == 7
-    assert value(registry, "tokenbooth_requests_total", outcome="success") == 1
+    assert total(registry, "tokenbooth_tokens_total", type="input") == 7
+    assert total(registry, "tokenbooth_requests_total", outcome="success") == 1

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 import tokenbooth
 from tests.conftest import SimHandle, track
-from tests.sdk.test_instrument import value
+from tokenbooth.catalog import total
 
 
 def _free_port() -> int:
@@ -112,5 +112,5 @@ def test_a_broken_pushgateway_never_breaks_the_application(sim: SimHandle) -> No
     finally:
         pusher.close()
     assert pusher.failures >= 2 and pusher.pushes == 0
-    assert value(registry, "tokenbooth_pushgateway_failures_total") == pusher.failures
-    assert value(registry, "tokenbooth_requests_total", outcome="success") == 3
+    assert total(registry, "tokenbooth_pushgateway_failures_total") == pusher.failures
+    assert total(registry, "tokenbooth_requests_total", outcome="success") == 3

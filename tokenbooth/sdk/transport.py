@@ -273,11 +273,7 @@ class MeteringTransport:
         except Exception as exc:
             exchange.fail(exc)
             raise
-        exchange.response(response.status_code, response.headers)
-        if _already_read(response, exchange):
-            return response
-        response.stream = self._sync_stream(response.stream, exchange)
-        return response
+        return self._observe(response, exchange, self._sync_stream)
 
     async def handle_async_request(self, request: Any) -> Any:
         exchange = self._begin(request)
@@ -288,10 +284,14 @@ class MeteringTransport:
         except Exception as exc:
             exchange.fail(exc)
             raise
+        return self._observe(response, exchange, self._async_stream)
+
+    @staticmethod
+    def _observe(response: Any, exchange: Exchange, stream_class: type) -> Any:
+        """Meter the response: its body now if already read, else as the caller reads its stream."""
         exchange.response(response.status_code, response.headers)
-        if _already_read(response, exchange):
-            return response
-        response.stream = self._async_stream(response.stream, exchange)
+        if not _already_read(response, exchange):
+            response.stream = stream_class(response.stream, exchange)
         return response
 
     def close(self) -> None:
