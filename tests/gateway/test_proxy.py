@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 from genai_prices import Usage, calc_price
+from prometheus_client import CollectorRegistry
 
 from tests.conftest import GatewayHandle, SimHandle, track
 
@@ -276,3 +277,14 @@ def test_stream_is_passed_through_unbuffered_and_metered(make_sim: Callable[...,
     assert row.output_tokens == usage.completion_tokens == 10
     assert 0.15 < row.ttft_s < 0.5
     assert gw.sample("tokenbooth_time_to_first_token_seconds_count") == 1
+
+
+def test_a_session_header_attributes_the_call_to_an_agent_session(gateway: GatewayHandle) -> None:
+    import tokenbooth
+
+    with tokenbooth.agent_session("via-gateway", registry=CollectorRegistry()) as session:
+        client = track(openai.OpenAI(base_url=gateway.url, api_key="k", max_retries=0))
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}],
+                                       extra_headers=session.headers)
+    (row,) = gateway.rows()
+    assert row.session_id == session.session_id
