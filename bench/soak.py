@@ -83,7 +83,7 @@ def _rss_mb(pid: int) -> float:
 async def _one_call(session: aiohttp.ClientSession, url: str, rng: random.Random, tally: collections.Counter[str]
                     ) -> None:
     roll = rng.random()
-    hang_up = roll < 0.02
+    hang_up = roll < 0.02  # after two chunks of a stream of 16 or more at 10 ms each: mid-stream
     stream = hang_up or roll < 0.30
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "soak " * rng.randint(5, 60)}],
             "max_tokens": 200 if hang_up else rng.randint(8, 48), "stream": stream}
@@ -151,7 +151,7 @@ def _metric_counts(text: str) -> dict[str, int]:
 def run_soak(duration: float = 120, rate: float = 40, seed: int = 1, workdir: Path | None = None) -> SoakResult:
     """Run one soak and collect its numbers (see the module docstring)."""
     tmp = Path(workdir or tempfile.mkdtemp(prefix="tokenbooth-soak-"))
-    sim = subprocess.Popen([*TB, "simulate", "--port", "0", "--seed", str(seed), "--ttft-ms", "20", "--token-ms", "2",
+    sim = subprocess.Popen([*TB, "simulate", "--port", "0", "--seed", str(seed), "--ttft-ms", "20", "--token-ms", "10",
                             "--faults", "429=0.05,500=0.02,timeout=0.01", "--retry-after", "0.2",
                             "--timeout-s", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert sim.stdout is not None

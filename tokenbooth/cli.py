@@ -79,7 +79,32 @@ def _parser() -> _Parser:
                     help="upstream name, for price-file entries bound to one")
     pr.add_argument("--price-file", help="YAML price file")
     pr.add_argument("--config", "-c", help="YAML config file, for its price file and FX rates")
+    _stack_parser(sub)
     return p
+
+
+def _stack_parser(sub: Any) -> None:
+    from tokenbooth.config import StackConfig
+
+    st = sub.add_parser("stack", help="the monitoring stack: Prometheus rules, Alertmanager, Grafana, compose")
+    verbs = st.add_subparsers(dest="stack_command", required=True, parser_class=_Parser)
+    i = verbs.add_parser("init", help="write a ready-to-run monitoring directory")
+    i.add_argument("directory", type=Path)
+    i.add_argument("--config", "-c", help="YAML config file; its 'stack:' section holds the thresholds")
+    i.add_argument("--force", action="store_true", help="overwrite files that exist")
+    i.add_argument("--chat", action="append", default=[], metavar="KIND",
+                   help="also notify through the gateway's adapter: dingtalk, wecom, feishu or slack (repeatable)")
+    for name, field in StackConfig.model_fields.items():
+        i.add_argument(f"--{name.replace('_', '-')}", dest=f"stack_{name}", metavar="VALUE",
+                       help=f"threshold stack.{name} (default {field.default})")
+    c = verbs.add_parser("check", help="validate a stack directory with promtool, amtool and PromQL checks")
+    c.add_argument("directory", type=Path)
+    u = verbs.add_parser("up", help="run local Prometheus, Alertmanager and Pushgateway on a stack directory")
+    u.add_argument("directory", type=Path)
+    u.add_argument("--gateway", default="127.0.0.1:8080", help="the gateway to scrape, HOST:PORT")
+    u.add_argument("--prometheus-port", type=int, default=9090)
+    u.add_argument("--alertmanager-port", type=int, default=9093)
+    u.add_argument("--pushgateway-port", type=int, default=9091)
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -218,7 +243,41 @@ def _demo(args: argparse.Namespace) -> None:
     _run_async(run_demo(duration=args.duration, port=args.port, db=args.db, concurrency=args.concurrency))
 
 
-_COMMANDS = {"serve": _serve, "simulate": _simulate, "demo": _demo, "report": _report, "prices": _prices}
+def _stack(args: argparse.Namespace) -> None:
+    if args.stack_command == "init":
+        from tokenbooth.config import load_settings
+        from tokenbooth.stack.render import init_stack, stack_files
+
+        thresholds = {k.removeprefix("stack_"): v for k, v in vars(args).items()
+                      if k.startswith("stack_") and k != "stack_command" and v is not None}
+        settings = load_settings(args.config, {"stack": thresholds} if thresholds else None)
+        written = init_stack(args.directory, stack_files(settings, chat=args.chat), force=args.force)
+        print(f"wrote {len(written)} files to {args.directory}; next: tokenbooth stack check {args.directory}")
+    elif args.stack_command == "check":
+        from tokenbooth.stack.check import StackCheckFailed, format_results, run_checks
+
+        results = run_checks(args.directory)
+        sys.stdout.write(format_results(results))
+        failed = [r.name for r in results if r.status == "fail"]
+        if failed:
+            raise StackCheckFailed(f"{len(failed)} check(s) failed: {', '.join(failed)}")
+    else:
+        from tokenbooth.stack.up import LocalStack, Ports
+
+        ports = Ports(args.prometheus_port, args.alertmanager_port, args.pushgateway_port)
+        stack = LocalStack(args.directory, gateway=args.gateway, ports=ports)
+        stack.start()
+        try:
+            print(f"prometheus {stack.url('prometheus')}  alertmanager {stack.url('alertmanager')}  "
+                  f"pushgateway {stack.url('pushgateway')}  (scraping {args.gateway}; Ctrl-C stops)", flush=True)
+            _run_async(_wait_for_signal())
+        finally:
+            stack.stop()
+        print("stopped", flush=True)
+
+
+_COMMANDS = {"serve": _serve, "simulate": _simulate, "demo": _demo, "report": _report, "prices": _prices,
+             "stack": _stack}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

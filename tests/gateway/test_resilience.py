@@ -134,7 +134,7 @@ def test_fallback_chain_serves_from_the_healthy_upstream_at_its_price(
     assert {r.cost_usd for r in rows} == {Decimal(1000) * 1 / 10**6 + Decimal(500) * 2 / 10**6}
     assert rows[0].fallback_path == "a:a-model!connection>b:b-model"
     assert gw.sample("tokenbooth_fallbacks_total", from_upstream="a", to_upstream="b") == 6
-    # a opened its circuit after 5 straight failures: later calls skipped it without trying
+    # a opened its circuit after 10 straight failed attempts: later calls skipped it without trying
     assert gw.sample("tokenbooth_fallbacks_total", from_upstream="a", reason="circuit_open") >= 1
     # a configured route name is a known model label; the metric carries the model the caller asked for
     assert gw.sample("tokenbooth_requests_total", model="smart", outcome="success", provider="openai") == 6

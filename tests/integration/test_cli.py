@@ -68,14 +68,14 @@ class Gateway:
 
 
 async def _load(url: str, total: int | None, concurrency: int, stop_after: float | None = None,
-                answered: list[str] | None = None) -> tuple[list[str], int]:
+                answered: list[str] | None = None, keepalive: bool = True) -> tuple[list[str], int]:
     """Send chat calls; returns the request ids of answered (200) calls and the count of failed sends."""
     answered = [] if answered is None else answered
     failed = 0
     sent = 0
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
     deadline = time.monotonic() + stop_after if stop_after else None
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=not keepalive)
     async with aiohttp.ClientSession(connector=connector) as session:
         async def worker() -> None:
             nonlocal sent, failed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 SOAK = Path(__file__).parents[2] / "bench" / "soak.py"
@@ -12,6 +13,7 @@ def test_two_minute_soak_with_faults_keeps_every_number_equal(tmp_path: Path) ->
     spec = importlib.util.spec_from_file_location("tokenbooth_bench_soak", SOAK)
     assert spec is not None and spec.loader is not None
     soak = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = soak  # dataclasses look their module up there
     spec.loader.exec_module(soak)
     result = soak.run_soak(duration=120, rate=40, seed=7, workdir=tmp_path)
     print(result.summary())

@@ -33,7 +33,8 @@ def test_two_workers_serve_and_metrics_and_ledger_add_up(tmp_path: Path, sim_url
             time.sleep(0.1)
         workers = _children(gw.proc.pid)
         assert len(workers) == 2
-        answered, failed = asyncio.run(_load(gw.url, 2000, 32))
+        # a new connection per call, so the kernel hands connections to both workers
+        answered, failed = asyncio.run(_load(gw.url, 2000, 32, keepalive=False))
         assert (len(answered), failed) == (2000, 0)
         metrics = httpx.get(f"http://127.0.0.1:{gw.port}/metrics").text
         # every worker's calls, whichever worker serves the scrape

@@ -19,7 +19,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from tokenbooth.catalog import Metrics
 from tokenbooth.config import Settings
-from tokenbooth.errors import MethodNotAllowed, NotFound, TokenboothError, UpstreamStatusError
+from tokenbooth.errors import CircuitOpen, MethodNotAllowed, NotFound, TokenboothError, UpstreamStatusError
+from tokenbooth.gateway.notify import PATH_PREFIX as WEBHOOK_PREFIX
+from tokenbooth.gateway.notify import Notifier
 from tokenbooth.gateway.proxy import ENDPOINTS, Proxy, Receive, Send, translate_client_error
 from tokenbooth.gateway.upstreams import Router
 from tokenbooth.ledger.journal import Journal
@@ -46,6 +48,7 @@ class Gateway:
         self.proxy = proxy
         self.registry = registry
         self.ledger = ledger
+        self.notifier = Notifier(settings.notify)  # Alertmanager webhooks -> chat robots
         # Request ids: a random per-process prefix and a counter, unique without a syscall per call.
         self._id_prefix = os.urandom(7).hex()
         self._seq = 0
@@ -104,6 +107,13 @@ class Gateway:
                     raise MethodNotAllowed(f"Use POST for {path}.")
                 body = await _read_body(receive)
                 await self.proxy.handle(endpoint, body, headers, request_id, send, receive, arrived)
+            elif path.startswith(WEBHOOK_PREFIX):
+                if method != "POST":
+                    raise MethodNotAllowed(f"Use POST for {path}.")
+                assert self.proxy.session is not None
+                reply = await self.notifier.handle(path.removeprefix(WEBHOOK_PREFIX), await _read_body(receive),
+                                                   self.proxy.session)
+                await _respond(send, 200, reply, b"application/json")
             elif method not in ("GET", "HEAD"):
                 raise NotFound(f"Unknown request URL: {method} {path}.")
             elif path == "/metrics":
@@ -126,7 +136,8 @@ class Gateway:
             await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
             await send({"type": "http.response.body", "body": exc.body})
             return
-        if exc.status_code >= 500:
+        if exc.status_code >= 500 and not isinstance(exc, CircuitOpen):
+            # an open circuit is logged once when it opens, not for every call it turns away
             log.warning("request %s failed: %s", request_id, exc.message)
         await send({"type": "http.response.start", "status": exc.status_code,
                     "headers": [_JSON, rid, *exc.headers()]})

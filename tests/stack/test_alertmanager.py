@@ -1,0 +1,89 @@
+"""Alertmanager configuration: amtool validates and routes it, a real Alertmanager inhibits with it."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tokenbooth.stack.alertmanager import ROUTE_CASES
+
+from .conftest import free_port, load, need, run
+
+
+def test_amtool_accepts_the_config(stack_dir: Path) -> None:
+    proc = run("amtool", ["check-config", "alertmanager.yml"], stack_dir)
+    assert proc.returncode == 0, proc.stdout
+    assert "4 receivers" in proc.stdout and "1 inhibit rules" in proc.stdout
+
+
+@pytest.mark.parametrize(("labels", "receivers"), ROUTE_CASES, ids=[
+    "cost-to-finance", "critical-pages-and-chats", "warning-to-chat", "slo-ticket-and-chat", "slo-page", "default"])
+def test_amtool_routes_each_kind_of_alert(stack_dir: Path, labels: dict[str, str], receivers: tuple[str, ...]) -> None:
+    proc = run("amtool", ["config", "routes", "test", "--config.file=alertmanager.yml",
+                          f"--verify.receivers={','.join(receivers)}", *(f"{k}={v}" for k, v in labels.items())],
+               stack_dir)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_receivers_cover_slack_email_pagerduty_webhook_and_say_resolved(stack_dir: Path) -> None:
+    config = load(stack_dir / "alertmanager.yml")
+    kinds = {kind for r in config["receivers"] for kind in r if kind.endswith("_configs")}
+    assert kinds == {"slack_configs", "email_configs", "pagerduty_configs", "webhook_configs"}
+    for receiver in config["receivers"]:
+        for kind, entries in receiver.items():
+            if kind.endswith("_configs"):
+                assert all(e["send_resolved"] is True for e in entries), (receiver["name"], kind)
+    assert config["route"]["group_by"] == ["alertname", "model"]
+    chat = next(r for r in config["receivers"] if r["name"] == "platform-chat")
+    assert chat["webhook_configs"][0]["url"] == "http://tokenbooth:8080/alertmanager/webhook/dingtalk"
+
+
+@pytest.fixture
+def alertmanager(stack_dir: Path, tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([need("alertmanager"), f"--config.file={stack_dir / 'alertmanager.yml'}",
+                             f"--storage.path={tmp_path}", f"--web.listen-address=127.0.0.1:{port}",
+                             "--cluster.listen-address="], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "alertmanager did not start"
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _alert(severity: str, model: str) -> dict[str, Any]:
+    return {"labels": {"alertname": "TokenboothHighErrorRate", "severity": severity, "team": "platform",
+                       "model": model, "provider": "openai"},
+            "annotations": {"summary": f"{model} failing"}}
+
+
+def test_a_critical_inhibits_the_warning_of_the_same_alertname_and_model(alertmanager: str) -> None:
+    alerts = [_alert("critical", "gpt-4o"), _alert("warning", "gpt-4o"), _alert("warning", "gpt-4o-mini")]
+    httpx.post(f"{alertmanager}/api/v2/alerts", json=alerts).raise_for_status()
+    deadline = time.monotonic() + 10
+    while True:
+        got = httpx.get(f"{alertmanager}/api/v2/alerts").json()
+        states = {(a["labels"]["severity"], a["labels"]["model"]): a["status"] for a in got}
+        if len(states) == 3 and states[("warning", "gpt-4o")]["state"] == "suppressed":
+            break
+        assert time.monotonic() < deadline, states
+        time.sleep(0.1)
+    assert states[("warning", "gpt-4o")]["inhibitedBy"]
+    assert states[("critical", "gpt-4o")]["state"] == "active"
+    assert states[("warning", "gpt-4o-mini")]["state"] == "active"  # another model: not inhibited

@@ -1,0 +1,97 @@
+"""What to do when each alert fires: written into the generated stack README, one section per alert."""
+
+from __future__ import annotations
+
+__all__ = ["RUNBOOKS"]
+
+_LEDGER = ("`tokenbooth report --by model --since $(date -u +%F)` and the ledger's `error_type` and "
+           "`fallback_path` columns show which calls and which upstream")
+
+RUNBOOKS: dict[str, str] = {
+    "TokenboothHighErrorRate": f"""\
+A model's calls are failing for reasons the caller did not cause.
+- Open the *Overview* dashboard, *Errors by type*: the type says where to look (429 → quota, 5xx → provider
+  incident, timeout → network or overload, auth → a revoked or rotated key).
+- {_LEDGER}.
+- Provider status pages; if one provider is down, route the model to a fallback (`routes:` in the config).""",
+    "TokenboothHighLatencyP95": """\
+Successful calls are slow. Long generations are slow by nature: compare with output tokens per call.
+- *Overview* → latency and TTFT panels: if TTFT is also up, the provider is queueing; if only total latency,
+  responses got longer (check tokens per minute by type).
+- A slow upstream raises in-flight calls too; check *Gateway internals* for retries and fallbacks adding time.""",
+    "TokenboothHighLatencyP99": """\
+The slowest 1 % of calls are very slow: usually retries with backoff, long `Retry-After` waits, or fallbacks.
+- *Gateway internals*: retries by reason and fallbacks; the ledger's `attempts` column shows the calls.
+- Consider lowering `retry.attempts` or `retry_after_cap`, or a faster fallback target.""",
+    "TokenboothSlowTimeToFirstToken": """\
+Streamed calls wait long for their first token: the provider is queueing requests or prompts got longer.
+- Compare input tokens per minute (cost dashboard); long prompts raise TTFT.
+- Check the provider's status page; move latency-sensitive traffic to another upstream.""",
+    "TokenboothRateLimited": """\
+The upstream answers 429: the account's RPM/TPM quota is exhausted.
+- *Cost and tenants* → tokens per minute: who is using the quota.
+- Raise the quota with the provider, spread traffic over keys or upstreams (`routes:`), or slow down batch jobs.
+- The gateway retries 429 honouring `Retry-After`; persistent 429s mean retries are not enough.""",
+    "TokenboothUpstreamServerErrors": """\
+The upstream answers 5xx: a provider incident or an overloaded self-hosted server.
+- Provider status page; for a self-hosted server, its logs and GPU memory.
+- A fallback chain (`routes:`) keeps callers served while the upstream recovers.""",
+    "TokenboothUpstreamTimeouts": """\
+Calls time out: `timeout_connect` points at the network or DNS, `timeout_read` at an upstream that stops
+sending (overload, very long generations).
+- *Overview* → errors by type splits the two.
+- Check `upstreams[].timeout` in the config: a read timeout shorter than the longest legitimate generation
+  cuts good calls.""",
+    "TokenboothModelDown": """\
+Every call to one model fails: a retired or renamed model, a key without access to it, or an outage.
+- `tokenbooth report --by model` and the ledger's `http_status`: 404 means the model name is wrong or retired,
+  401/403 the key, 5xx the provider.
+- Route the model to another target (`routes:`) until it is fixed.""",
+    "TokenboothTokenSpike": """\
+A model uses several times its usual tokens: a runaway agent loop, a batch job, a prompt that grew, or abuse.
+- *Cost and tenants* → tokens by tenant and model; the ledger (`tokenbooth report --by key`) shows which key.
+- If it is unexpected, throttle or revoke the key; a spike is also a cost incident (check the cost alerts).""",
+    "TokenboothInFlightBacklog": """\
+Many calls are waiting on one model at once: the upstream slowed down, or clients send more than it serves.
+- Latency and TTFT panels: a slow upstream shows there first.
+- Check client-side concurrency and timeouts; a fallback or a second upstream adds capacity.""",
+    "TokenboothToolErrorRate": """\
+An agent tool fails or times out often: its backend is down, its credentials expired, or the agent calls it
+with bad arguments.
+- *Agents* dashboard → tool calls by status and duration.
+- The tool's own logs; a timeout-heavy tool may need a longer timeout or a retry.""",
+    "TokenboothCostPerHourHigh": """\
+Spending in the last hour is above the hourly budget.
+- *Cost and tenants*: cost by model and tenant for the last hour; `tokenbooth report --by key --since today`.
+- A token spike or a new batch job is the usual cause; unpriced calls are not counted, so the real figure may
+  be higher (see `tokenbooth_unpriced_requests_total`).""",
+    "TokenboothCostPerDayOverBudget": """\
+Spending in the last 24 hours is above the daily budget.
+- `tokenbooth report --by day` and `--by model` for the days in question; *Cost and tenants* for the trend.
+- Decide with the owners of the top keys or tenants whether to raise the budget or cut usage.""",
+    "TokenboothMonthlyBudgetBurn": """\
+At the rate of the last 6 hours the month would end over budget.
+- `tokenbooth report --by month` shows month to date and the projection.
+- A temporary burst resolves itself as the 6-hour rate falls; a new steady rate needs a budget decision.""",
+    "TokenboothInstanceDown": """\
+Prometheus cannot scrape a target: the gateway (or Pushgateway) is down, restarting, or unreachable.
+- `curl http://TARGET/metrics`; the process manager's or container's logs.
+- While it is down, no other tokenbooth alert for it can fire.""",
+    "TokenboothPushgatewayStale": """\
+A batch job has not pushed its metrics for longer than expected.
+- The job's scheduler (cron, Airflow, Kubernetes CronJob): did it run, did it fail before its last push?
+- A job that was retired leaves its group behind: delete it in the Pushgateway UI or with
+  `curl -X DELETE http://pushgateway:9091/metrics/job/JOB`.""",
+    "TokenboothCircuitOpen": """\
+The gateway stopped calling an upstream after repeated failures; calls fail fast or fall back.
+- *Gateway internals* → circuit state and fallbacks; the upstream's errors show in *Errors by type*.
+- It closes by itself when a probe after the cooldown succeeds; if the upstream is gone for good, remove it
+  from the routes.""",
+    "TokenboothAvailabilityBurnRate": """\
+Failures are spending the availability objective's error budget faster than it lasts. Critical: at this rate
+the month's budget is gone within days (page). Warning: it runs out before the month ends (ticket).
+- Same checks as *TokenboothHighErrorRate*; the burn rate says how urgent it is.""",
+    "TokenboothLatencyBurnRate": """\
+Too many successful calls are slower than the latency objective, fast enough to spend its budget early.
+- Same checks as *TokenboothHighLatencyP95*; compare with output tokens per call before blaming the provider.""",
+}
