@@ -137,3 +137,15 @@ def test_unusable_urls_are_config_errors(tmp_path: Path) -> None:
         connect("postgresql+psycopg://nobody:secret-pw@127.0.0.1:1/none")
     except ConfigError as exc:
         assert "secret-pw" not in exc.message
+
+
+def test_sqlite_timestamps_are_the_text_sqlalchemy_writes() -> None:
+    import datetime as dt
+    import random
+
+    from tokenbooth.ledger.schema import _when
+
+    rng = random.Random(5)
+    for ts in [0.0, 1.9999995, 1_800_000_000.25, *(rng.uniform(0, 4e9) for _ in range(5000))]:
+        expected = dt.datetime.fromtimestamp(ts, dt.UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+        assert _when(ts, sqlite=True) == expected, ts

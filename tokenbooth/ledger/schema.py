@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -158,9 +159,24 @@ def insert_sql(dialect: Dialect, table: Table = calls) -> str:
     return f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})"
 
 
+_last_second: tuple[int, str] = (-1, "")  # the last whole second formatted (swapped whole: thread-safe)
+
+
 def _when(ts: float, sqlite: bool) -> Any:
-    started = dt.datetime.fromtimestamp(ts, dt.UTC).replace(tzinfo=None)
-    return started.strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else started
+    """A call's start as SQLAlchemy's SQLite DateTime text ("YYYY-MM-DD HH:MM:SS.ffffff", UTC),
+    or as a naive UTC datetime for other databases."""
+    if not sqlite:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).replace(tzinfo=None)
+    second = int(ts)
+    micros = round((ts - second) * 1_000_000)
+    if micros == 1_000_000:
+        second, micros = second + 1, 0
+    global _last_second
+    cached = _last_second
+    if cached[0] != second:  # rows arrive in time order: format each second once
+        cached = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second)))
+        _last_second = cached
+    return f"{cached[1]}.{micros:06d}"
 
 
 def _money(amount: Decimal | None, sqlite: bool) -> Any:
