@@ -346,9 +346,9 @@ class Simulator:
                     elif request.transport is not None:
                         request.transport.abort()
                     return resp
-                await resp.write(event)
-                if i == 0:
+                if i == 0:  # stamped before the write: the reader may see it before write() returns
                     self.first_content_sent.append(time.perf_counter())
+                await resp.write(event)
             for event in tail:
                 await resp.write(event)
             await resp.write_eof()
