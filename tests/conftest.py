@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
+import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -19,8 +23,46 @@ from tokenbooth.config import Settings, load_settings
 from tokenbooth.gateway.app import Gateway, build_gateway
 from tokenbooth.gateway.server import GatewayServer, bind_socket, uvicorn_config
 from tokenbooth.simulate import SimConfig, Simulator
+from tokenbooth.stack.tools import MissingTool, find_tool
 
 PG_URL = os.environ.get("TOKENBOOTH_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def need(tool: str) -> str:
+    """The path of a Prometheus tool; a test that needs one fails (never skips) without it."""
+    try:
+        return find_tool(tool)
+    except MissingTool as exc:
+        pytest.fail(exc.message)
+
+
+@contextlib.contextmanager
+def serving(command: list[str], url: str, timeout: float = 20) -> Iterator[str]:
+    """Run a real server (Prometheus, Alertmanager, Pushgateway) until its ``/-/ready`` answers;
+    yield its URL; stop it afterwards."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{Path(command[0]).name} did not start")
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 _OPEN_CLIENTS: list[Any] = []

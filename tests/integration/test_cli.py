@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,10 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from tests.conftest import free_port
 from tokenbooth.ledger.schema import calls
 
 TB = [sys.executable, "-m", "tokenbooth.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_http(url: str, proc: subprocess.Popen[str], timeout: float = 20) -> None:
@@ -43,7 +37,7 @@ def _wait_http(url: str, proc: subprocess.Popen[str], timeout: float = 20) -> No
 class Gateway:
     def __init__(self, tmp: Path, upstream: str, *extra: str, port: int | None = None) -> None:
         self.db = tmp / "ledger.db"
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENBOOTH_")}
         self.proc = subprocess.Popen(
@@ -170,7 +164,7 @@ def test_prices_shows_the_price_and_its_source(tmp_path: Path) -> None:
 
 def test_demo_runs_and_reports(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'demo.db'}"
-    out = subprocess.run([*TB, "demo", "--duration", "4", "--port", str(_free_port()), "--db", db],
+    out = subprocess.run([*TB, "demo", "--duration", "4", "--port", str(free_port()), "--db", db],
                          capture_output=True, text=True, timeout=90, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "/metrics" in out.stdout and "TOTAL" in out.stdout

@@ -22,7 +22,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import GatewayHandle, LoopThread, SimHandle
+from tests.conftest import GatewayHandle, LoopThread, SimHandle, free_port
 from tokenbooth.config import load_settings
 from tokenbooth.stack.profile import FAST
 from tokenbooth.stack.render import init_stack, stack_files
@@ -78,12 +78,6 @@ class DingTalkRobot:
         raise AssertionError(f"no DingTalk message starting {prefix!r} in {timeout:g} s; got {titles}, bad {self.bad}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def robot(loop_thread: LoopThread) -> Iterator[DingTalkRobot]:
     r = DingTalkRobot(loop_thread)
@@ -131,7 +125,7 @@ def test_5xx_fault_fires_then_resolves_in_dingtalk(
                            notify={"dingtalk": {"url": robot.url, "secret_env": "TB_E2E_DINGTALK_SECRET"}})
     directory = tmp_path / "stack"
     init_stack(directory, stack_files(load_settings(environ={}), profile=FAST, chat=["dingtalk"]))
-    ports = Ports(_free_port(), _free_port(), _free_port())
+    ports = Ports(free_port(), free_port(), free_port())
     with LocalStack(directory, gateway=f"127.0.0.1:{gateway.port}", ports=ports):
         traffic(gateway.url)
         time.sleep(4)  # healthy traffic: scraped, evaluated, and nothing may fire

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,39 +16,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import tokenbooth
-from tests.conftest import SimHandle, track
+from tests.conftest import SimHandle, free_port, need, serving, track
 from tokenbooth.catalog import total
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
-def pushgateway(tmp_path: Path) -> Iterator[str]:
-    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
-    if binary is None:
-        pytest.fail("prometheus-pushgateway is needed: apt-get install prometheus-pushgateway (or make test as root)")
-    port = _free_port()
-    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            pytest.fail("prometheus-pushgateway did not start")
-        time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+def pushgateway() -> Iterator[str]:
+    port = free_port()
+    with serving([need("pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
+                 f"http://127.0.0.1:{port}", timeout=15) as url:
+        yield url
 
 
 def _pushed(url: str, name: str, **labels: str) -> float:
@@ -100,7 +75,7 @@ def test_a_broken_pushgateway_never_breaks_the_application(sim: SimHandle) -> No
     registry = CollectorRegistry()
     client = tokenbooth.instrument(track(openai.OpenAI(base_url=sim.url, api_key="k", max_retries=0)),
                                    registry=registry)
-    pusher = tokenbooth.push_to(f"http://127.0.0.1:{_free_port()}", "broken", every_calls=1, every_seconds=0.1,
+    pusher = tokenbooth.push_to(f"http://127.0.0.1:{free_port()}", "broken", every_calls=1, every_seconds=0.1,
                                 registry=registry)
     try:
         for _ in range(3):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,29 +10,15 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import need
 from tokenbooth.config import load_settings
 from tokenbooth.stack.render import init_stack, stack_files
-from tokenbooth.stack.tools import MissingTool, find_tool
-
-
-def need(tool: str) -> str:
-    """The path of a Prometheus tool; a test that needs one fails (never skips) without it."""
-    try:
-        return find_tool(tool)
-    except MissingTool as exc:
-        pytest.fail(exc.message)
 
 
 def run(tool: str, args: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run a real tool; its stdout and stderr are interleaved in ``stdout``, as a terminal shows them."""
     return subprocess.run([need(tool), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=120, check=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def load(path: Path) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import free_port, need, serving
 from tokenbooth.stack.alertmanager import ROUTE_CASES
 
-from .conftest import free_port, load, need, run
+from .conftest import load, run
 
 
 def test_amtool_accepts_the_config(stack_dir: Path) -> None:
@@ -47,24 +47,10 @@ def test_receivers_cover_slack_email_pagerduty_webhook_and_say_resolved(stack_di
 @pytest.fixture
 def alertmanager(stack_dir: Path, tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    proc = subprocess.Popen([need("alertmanager"), f"--config.file={stack_dir / 'alertmanager.yml'}",
-                             f"--storage.path={tmp_path}", f"--web.listen-address=127.0.0.1:{port}",
-                             "--cluster.listen-address="], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "alertmanager did not start"
-            time.sleep(0.05)
+    with serving([need("alertmanager"), f"--config.file={stack_dir / 'alertmanager.yml'}",
+                  f"--storage.path={tmp_path}", f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+                 f"http://127.0.0.1:{port}") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def _alert(severity: str, model: str) -> dict[str, Any]:

@@ -16,11 +16,12 @@ import httpx
 import pytest
 import yaml
 
+from tests.conftest import free_port, need
 from tokenbooth.cli import main
 from tokenbooth.stack import tools
 from tokenbooth.stack.tools import MissingTool, find_tool
 
-from .conftest import free_port, load, need, run
+from .conftest import load, run
 
 TB = [sys.executable, "-m", "tokenbooth.cli"]
 

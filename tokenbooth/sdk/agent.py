@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import inspect
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
@@ -188,6 +189,20 @@ def track_tool(name: str, timeout: float | None = None, *,
     """
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        @contextlib.contextmanager
+        def observed() -> Iterator[None]:
+            """Time the block and count it: timeout on TimeoutError, error on any other exception."""
+            t0 = time.perf_counter()
+            try:
+                yield
+            except TimeoutError:
+                observe("timeout", time.perf_counter() - t0)
+                raise
+            except BaseException:
+                observe("error", time.perf_counter() - t0)
+                raise
+            observe("success", time.perf_counter() - t0)
+
         def observe(status: str, seconds: float) -> None:
             try:
                 m = get_runtime(registry).metrics
@@ -206,47 +221,26 @@ def track_tool(name: str, timeout: float | None = None, *,
 
             @functools.wraps(fn)
             async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                t0 = time.perf_counter()
-                try:
+                with observed():
                     if timeout is None:
-                        result = await async_fn(*args, **kwargs)
-                    else:
-                        result = await asyncio.wait_for(async_fn(*args, **kwargs), timeout)
-                except TimeoutError:
-                    observe("timeout", time.perf_counter() - t0)
-                    raise
-                except BaseException:
-                    observe("error", time.perf_counter() - t0)
-                    raise
-                observe("success", time.perf_counter() - t0)
-                return result
+                        return await async_fn(*args, **kwargs)
+                    return await asyncio.wait_for(async_fn(*args, **kwargs), timeout)
 
             return run_async  # type: ignore[return-value]
 
         @functools.wraps(fn)
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
-            t0 = time.perf_counter()
-            try:
+            with observed():
                 if timeout is None:
-                    result = fn(*args, **kwargs)
-                else:
-                    context = contextvars.copy_context()
-                    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tool-{name}")
-                    try:
-                        future = pool.submit(functools.partial(context.run, fn, *args, **kwargs))
-                        result = future.result(timeout)
-                    except concurrent.futures.TimeoutError:
-                        raise TimeoutError(f"tool {name!r} did not finish within {timeout} s") from None
-                    finally:
-                        pool.shutdown(wait=False)
-            except TimeoutError:
-                observe("timeout", time.perf_counter() - t0)
-                raise
-            except BaseException:
-                observe("error", time.perf_counter() - t0)
-                raise
-            observe("success", time.perf_counter() - t0)
-            return result
+                    return fn(*args, **kwargs)
+                context = contextvars.copy_context()
+                pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tool-{name}")
+                try:
+                    return pool.submit(functools.partial(context.run, fn, *args, **kwargs)).result(timeout)
+                except concurrent.futures.TimeoutError:
+                    raise TimeoutError(f"tool {name!r} did not finish within {timeout} s") from None
+                finally:
+                    pool.shutdown(wait=False)
 
         return run
 
