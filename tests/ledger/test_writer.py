@@ -149,3 +149,13 @@ def test_sqlite_timestamps_are_the_text_sqlalchemy_writes() -> None:
     for ts in [0.0, 1.9999995, 1_800_000_000.25, *(rng.uniform(0, 4e9) for _ in range(5000))]:
         expected = dt.datetime.fromtimestamp(ts, dt.UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
         assert _when(ts, sqlite=True) == expected, ts
+
+
+def test_a_writer_closed_without_starting_still_writes_what_was_submitted(tmp_path: Path) -> None:
+    engine = connect(f"sqlite:///{tmp_path / 'l.db'}")
+    writer = LedgerWriter(engine, Metrics(CollectorRegistry()))
+    for i in range(3):
+        writer.submit(record(i))
+    writer.close()
+    assert _count(engine) == 3
+    engine.dispose()

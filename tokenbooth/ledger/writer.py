@@ -97,8 +97,8 @@ class LedgerWriter:
         if self._closing.is_set():
             return
         self._closing.set()
+        self._queue.put(_STOP)
         if self._thread.is_alive():
-            self._queue.put(_STOP)
             self._wake.set()
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -106,24 +106,10 @@ class LedgerWriter:
                           timeout or 0, self._queue.qsize())
                 return  # the journal stays: the next start reports what may be missing
         else:
-            self._drain_and_write()
+            self._run()  # never started: write what was queued here, with the same loop
         self._depth.set(0)
         if self.journal is not None:
             self.journal.close()
-
-    def _drain_and_write(self) -> None:
-        batch: list[Record] = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, CallRecord | SessionRecord):
-                batch.append(item)
-            elif isinstance(item, _Marker):
-                item.done.set()
-        if batch:
-            self._write(batch, final=True)
 
     def _run(self) -> None:
         # The thread wakes every flush_interval (or at once for flush/close) and drains the queue
