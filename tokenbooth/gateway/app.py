@@ -218,5 +218,6 @@ def build_gateway(settings: Settings, registry: CollectorRegistry | None = None)
     meter = Meter(metrics, ModelLabels(known), ledger)
     estimator = TokenEstimator(use_bpe=settings.tokens.tokenizer == "bpe")
     estimator.warm()
-    proxy = Proxy(router, meter, prices, settings.tokens, estimator, max_attempts=settings.max_attempts)
+    proxy = Proxy(router, meter, prices, settings.tokens, estimator, max_attempts=settings.max_attempts,
+                  journal=ledger.journal if ledger is not None else None)
     return Gateway(settings, proxy, exposed, ledger)

@@ -26,6 +26,7 @@ from tokenbooth.errors import (
 )
 from tokenbooth.gateway.resilience import Breaker, CircuitState, RetryPolicy, parse_retry_after
 from tokenbooth.gateway.upstreams import Router
+from tokenbooth.ledger.journal import Journal
 from tokenbooth.meter import Meter
 from tokenbooth.pricing import PriceBook
 from tokenbooth.record import Operation, Outcome
@@ -83,8 +84,9 @@ class Proxy:
 
     def __init__(self, router: Router, meter: Meter, prices: PriceBook,
                  tokens: TokensConfig | None = None, estimator: TokenEstimator | None = None, *,
-                 max_attempts: int = 6) -> None:
+                 max_attempts: int = 6, journal: Journal | None = None) -> None:
         self.router = router
+        self.journal = journal
         self.meter = meter
         self.recorder = Recorder(meter, prices, tokens, estimator)
         self.session: aiohttp.ClientSession | None = None
@@ -164,6 +166,8 @@ class Proxy:
         started_at = time.time()
         in_flight = self.meter.in_flight(targets[0][0].provider, model)
         in_flight.inc()
+        if self.journal is not None:
+            self.journal.begin()
         try:
             await self._attempts(targets, ep, model, payload, body, stream, client_headers, request_id, call,
                                  t0, send, receive)
@@ -176,6 +180,8 @@ class Proxy:
             self.recorder.finish(call, request_id=request_id, operation=ep.operation, model=model, payload=payload,
                                  started_at=started_at, duration=time.perf_counter() - t0, streamed=stream,
                                  session_id=session_id.decode("latin-1")[:128] if session_id else None)
+            if self.journal is not None:
+                self.journal.end()
 
     def _body_for(self, up: UpstreamConfig, ep: Endpoint, model: str, target_model: str,
                   payload: dict[str, Any], body: bytes, stream: bool) -> tuple[bytes, bool]:

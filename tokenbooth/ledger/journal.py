@@ -1,9 +1,11 @@
 """Knowing, after a crash, how many ledger rows may be missing.
 
-Each writer keeps two counters in a small memory-mapped file: records submitted and rows
-written. The kernel keeps a mapped file's contents even when the process is killed with
-SIGKILL, so the next start can read what the dead writer had not written yet. A clean
-shutdown removes the file.
+Each writer keeps four counters in a small memory-mapped file: records submitted, rows written,
+and calls begun and ended. A call counts as begun before its upstream is contacted and as ended
+after its record was submitted, so at every instant a call that was made but is not in the
+ledger yet is counted in one of the two differences. The kernel keeps a mapped file's contents
+even when the process is killed with SIGKILL, so the next start can read what the dead process
+had not written yet. A clean shutdown removes the file.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ __all__ = ["Journal", "recover"]
 
 log = logging.getLogger("tokenbooth.ledger")
 
-_FORMAT = "<QQ"  # submitted, written
+_FORMAT = "<QQQQ"  # submitted, written, begun, ended
 _SIZE = struct.calcsize(_FORMAT)
 
 
 class Journal:
-    """The counters of one live writer process. Not thread-safe: one writer thread, one submitter."""
+    """The counters of one live gateway process. Each counter has one writing thread: the event
+    loop submits, begins and ends; the ledger writer thread counts what it wrote."""
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -34,6 +37,8 @@ class Journal:
         self._map = mmap.mmap(self._file.fileno(), _SIZE)
         self.submitted = 0
         self.written = 0
+        self.begun = 0
+        self.ended = 0
 
     def add_submitted(self) -> None:
         self.submitted += 1
@@ -42,6 +47,16 @@ class Journal:
     def add_written(self, n: int) -> None:
         self.written += n
         struct.pack_into("<Q", self._map, 8, self.written)
+
+    def begin(self) -> None:
+        """A call is about to be made: from here until its record is submitted it counts."""
+        self.begun += 1
+        struct.pack_into("<Q", self._map, 16, self.begun)
+
+    def end(self) -> None:
+        """Called after the call's record was submitted (or could not be)."""
+        self.ended += 1
+        struct.pack_into("<Q", self._map, 24, self.ended)
 
     def close(self) -> None:
         """After a clean flush: nothing can be missing, so the file goes."""
@@ -62,7 +77,8 @@ def _alive(pid: int) -> bool:
 
 def recover(directory: Path) -> int:
     """Read the journals of writers that died without a clean shutdown, remove them, and return
-    how many submitted calls they had not written: an upper bound on the rows missing."""
+    how many calls they had begun or submitted and not written: an upper bound on the rows
+    missing."""
     if not directory.is_dir():
         return 0
     missing = 0
@@ -74,9 +90,9 @@ def recover(directory: Path) -> int:
         if pid == os.getpid() or _alive(pid):
             continue
         try:
-            submitted, written = struct.unpack(_FORMAT, path.read_bytes()[:_SIZE])
-        except (OSError, struct.error):
+            submitted, written, begun, ended = struct.unpack(_FORMAT, path.read_bytes().ljust(_SIZE, b"\0")[:_SIZE])
+        except OSError:
             continue
-        missing += max(submitted - written, 0)
+        missing += max(submitted - written, 0) + max(begun - ended, 0)
         path.unlink(missing_ok=True)
     return missing
