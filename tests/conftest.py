@@ -177,7 +177,12 @@ class GatewayHandle:
             threading.Event().wait(0.01)
 
     def flush(self) -> None:
+        """Wait for the calls in progress to be recorded (a client can see the end of its answer a
+        moment before the gateway's thread records the call), then for the ledger to write them."""
         assert self.gateway.ledger is not None
+        deadline = time.monotonic() + 10
+        while self.sample("tokenbooth_in_flight_requests") > 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
         assert self.gateway.ledger.flush(10)
 
     def sample(self, name: str, **labels: str) -> float:

@@ -22,7 +22,7 @@ from tokenbooth.config import Settings
 from tokenbooth.errors import CircuitOpen, MethodNotAllowed, NotFound, TokenboothError, UpstreamStatusError
 from tokenbooth.gateway.notify import PATH_PREFIX as WEBHOOK_PREFIX
 from tokenbooth.gateway.notify import Notifier
-from tokenbooth.gateway.proxy import ENDPOINTS, Proxy, Receive, Send, translate_client_error
+from tokenbooth.gateway.proxy import ENDPOINTS, Proxy, Receive, Send
 from tokenbooth.gateway.upstreams import Router
 from tokenbooth.ledger.journal import Journal
 from tokenbooth.ledger.schema import connect
@@ -154,18 +154,14 @@ class Gateway:
         await _respond(send, 200, orjson.dumps({"object": "list", "data": data}), b"application/json")
 
     async def _upstream_models(self, up: Any, headers: dict[bytes, bytes]) -> list[dict[str, Any]]:
-        import aiohttp
-
-        assert self.proxy.session is not None
+        resp = await self.proxy.pools[up.name].request(b"/models", b"", self.proxy.request_headers(up, headers),
+                                                       method=b"GET")
         try:
-            async with self.proxy.session.get(up.base_url + "/models",
-                                              headers=self.proxy.upstream_headers(up, headers)) as resp:
-                body = await resp.read()
-                if resp.status >= 400:
-                    raise UpstreamStatusError(resp.status, body,
-                                              resp.headers.get("Content-Type", "application/json"), up.name)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise translate_client_error(exc, up.name) from exc
+            body = await resp.read()
+        finally:
+            resp.release()
+        if resp.status >= 400:
+            raise UpstreamStatusError(resp.status, body, resp.header(b"content-type") or "application/json", up.name)
         try:
             listed = orjson.loads(body)["data"]
         except (orjson.JSONDecodeError, KeyError, TypeError):

@@ -18,12 +18,11 @@ from tokenbooth.errors import (
     ErrorType,
     InvalidRequest,
     UpstreamConnectError,
-    UpstreamConnectTimeout,
     UpstreamError,
     UpstreamInvalidResponse,
-    UpstreamReadTimeout,
     UpstreamStatusError,
 )
+from tokenbooth.gateway.client import Pool, UpstreamResponse
 from tokenbooth.gateway.resilience import Breaker, CircuitState, RetryPolicy, parse_retry_after
 from tokenbooth.gateway.upstreams import Router
 from tokenbooth.ledger.journal import Journal
@@ -33,7 +32,7 @@ from tokenbooth.record import Operation, Outcome
 from tokenbooth.streams import AnthropicStream, OpenAIStream, StreamFollower
 from tokenbooth.tokens import TokenEstimator
 
-__all__ = ["ENDPOINTS", "Endpoint", "Proxy", "translate_client_error"]
+__all__ = ["ENDPOINTS", "Endpoint", "Proxy"]
 
 log = logging.getLogger("tokenbooth.gateway")
 
@@ -46,37 +45,13 @@ _FORWARD_REQUEST = frozenset({b"openai-organization", b"openai-project", b"opena
                               b"anthropic-version", b"anthropic-beta"})
 # Response headers passed back to the client.
 _FORWARD_RESPONSE = frozenset({
-    "retry-after", "retry-after-ms", "openai-model", "openai-processing-ms", "openai-version",
-    "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
-    "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens",
-    "anthropic-ratelimit-requests-limit", "anthropic-ratelimit-requests-remaining",
-    "anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-limit",
-    "anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset", "request-id",
+    b"retry-after", b"retry-after-ms", b"openai-model", b"openai-processing-ms", b"openai-version",
+    b"x-ratelimit-limit-requests", b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-requests",
+    b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-requests", b"x-ratelimit-reset-tokens",
+    b"anthropic-ratelimit-requests-limit", b"anthropic-ratelimit-requests-remaining",
+    b"anthropic-ratelimit-requests-reset", b"anthropic-ratelimit-tokens-limit",
+    b"anthropic-ratelimit-tokens-remaining", b"anthropic-ratelimit-tokens-reset", b"request-id",
 })
-
-
-def translate_client_error(exc: BaseException, upstream: str) -> UpstreamError:
-    """Map an aiohttp/asyncio exception to the tokenbooth error it stands for.
-
-    The message names the upstream and what went wrong, never a header or key.
-    """
-    what = type(exc).__name__
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamConnectTimeout(f"upstream '{upstream}' did not accept a connection in time", upstream)
-    if isinstance(exc, aiohttp.SocketTimeoutError | asyncio.TimeoutError | TimeoutError):
-        return UpstreamReadTimeout(f"upstream '{upstream}' did not answer in time", upstream)
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        reason = exc.os_error.strerror or type(exc.os_error).__name__
-        return UpstreamConnectError(f"upstream '{upstream}' is unreachable: {reason}", upstream)
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamInvalidResponse(f"upstream '{upstream}' sent a malformed HTTP response", upstream)
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return UpstreamConnectError(f"upstream '{upstream}' broke off its response ({what})", upstream)
-    return UpstreamConnectError(f"upstream '{upstream}' connection failed ({what})", upstream)
-
-
-def _header_value(value: bytes) -> str:
-    return value.decode("latin-1")
 
 
 class Proxy:
@@ -89,14 +64,12 @@ class Proxy:
         self.journal = journal
         self.meter = meter
         self.recorder = Recorder(meter, prices, tokens, estimator)
-        self.session: aiohttp.ClientSession | None = None
-        self._timeouts = {
-            up.name: aiohttp.ClientTimeout(total=up.timeout.total, sock_connect=up.timeout.connect,
-                                           sock_read=up.timeout.read)
-            for up in router.upstreams
-        }
+        self.session: aiohttp.ClientSession | None = None  # for the cold paths: model lists, webhooks
+        self.pools = {up.name: Pool(up.base_url, up.timeout, upstream=up.name) for up in router.upstreams}
         # Keys are read from their env vars once, at start-up, and live only in these headers.
         self._keys = {up.name: key for up in router.upstreams if (key := up.api_key())}
+        self._fixed = {(up.name, fmt): self._fixed_headers(up, fmt)
+                       for up in router.upstreams for fmt in ("openai", "anthropic")}
         self.max_attempts = max_attempts
         self.policies = {up.name: RetryPolicy(up.retry) for up in router.upstreams}
         self.breakers = {up.name: Breaker(up.circuit, self._circuit_gauge(up.name)) for up in router.upstreams}
@@ -118,27 +91,28 @@ class Proxy:
                                              skip_auto_headers=("User-Agent",))
 
     async def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
         if self.session is not None:
             await self.session.close()
 
-    def upstream_headers(self, up: UpstreamConfig, client: Mapping[bytes, bytes],
-                         fmt: Format = "openai") -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
+    def _fixed_headers(self, up: UpstreamConfig, fmt: Format) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", b"application/json")]
         key = self._keys.get(up.name)
         if key:
-            if fmt == "anthropic":
-                headers["x-api-key"] = key
-            else:
-                headers["Authorization"] = f"Bearer {key}"
-        else:
-            if b"authorization" in client:
-                headers["Authorization"] = _header_value(client[b"authorization"])
-            if b"x-api-key" in client:
-                headers["x-api-key"] = _header_value(client[b"x-api-key"])
-        for name in _FORWARD_REQUEST:
-            if name in client:
-                headers[name.decode()] = _header_value(client[name])
+            auth = (b"x-api-key", key.encode()) if fmt == "anthropic" else (b"authorization", f"Bearer {key}".encode())
+            headers.append(auth)
         return headers
+
+    def request_headers(self, up: UpstreamConfig, client: Mapping[bytes, bytes],
+                        fmt: Format = "openai") -> list[tuple[bytes, bytes]]:
+        """The headers an upstream gets: content type, the upstream's key if it has one (else the
+        client's own ``Authorization`` / ``x-api-key``), and the provider headers the client sent."""
+        headers = self._fixed[up.name, fmt]
+        extra = [(name, client[name]) for name in _FORWARD_REQUEST if name in client]
+        if up.name not in self._keys:
+            extra += [(name, client[name]) for name in (b"authorization", b"x-api-key") if name in client]
+        return headers + extra if extra else headers
 
     async def handle(self, ep: Endpoint, body: bytes, client_headers: Mapping[bytes, bytes],
                      request_id: str, send: Send, receive: Receive, arrived: float | None = None) -> None:
@@ -176,12 +150,16 @@ class Proxy:
             call.status = exc.status_code
             raise
         finally:
-            in_flight.dec()
-            self.recorder.finish(call, request_id=request_id, operation=ep.operation, model=model, payload=payload,
-                                 started_at=started_at, duration=time.perf_counter() - t0, streamed=stream,
-                                 session_id=session_id.decode("latin-1")[:128] if session_id else None)
-            if self.journal is not None:
-                self.journal.end()
+            # the call stays in flight until it is recorded, so a drained gateway has recorded everything
+            try:
+                self.recorder.finish(call, request_id=request_id, operation=ep.operation, model=model,
+                                     payload=payload, started_at=started_at, duration=time.perf_counter() - t0,
+                                     streamed=stream, session_id=session_id.decode("latin-1")[:128] if session_id
+                                     else None)
+                if self.journal is not None:
+                    self.journal.end()
+            finally:
+                in_flight.dec()
 
     def _body_for(self, up: UpstreamConfig, ep: Endpoint, model: str, target_model: str,
                   payload: dict[str, Any], body: bytes, stream: bool) -> tuple[bytes, bool]:
@@ -270,28 +248,20 @@ class Proxy:
     async def _forward(self, up: UpstreamConfig, ep: Endpoint, body: bytes,
                        client_headers: Mapping[bytes, bytes], request_id: str, stream: bool,
                        strip_usage: bool, call: CallState, t0: float, send: Send, receive: Receive) -> None:
-        assert self.session is not None
-        try:
-            resp = await self.session.post(up.base_url + ep.upstream_path, data=body,
-                                           headers=self.upstream_headers(up, client_headers, ep.fmt),
-                                           timeout=self._timeouts[up.name])
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise translate_client_error(exc, up.name) from exc
+        resp = await self.pools[up.name].request(ep.upstream_path.encode(), body,
+                                                 self.request_headers(up, client_headers, ep.fmt))
         try:
             call.status = resp.status
-            content_type = resp.headers.get("Content-Type", "application/json")
+            content_type = resp.header(b"content-type") or "application/json"
             if stream and resp.status == 200 and content_type.startswith("text/event-stream"):
                 follower: StreamFollower = AnthropicStream() if ep.fmt == "anthropic" else \
                     OpenAIStream(strip_usage)
                 await self._stream(up, ep, resp, follower, request_id, call, t0, send, receive)
                 return
-            try:
-                data = await resp.read()
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                raise translate_client_error(exc, up.name) from exc
+            data = await resp.read()
             if resp.status >= 400:
                 raise UpstreamStatusError(resp.status, data, content_type, up.name,
-                                          resp.headers.get("Retry-After"), resp.headers.get("retry-after-ms"))
+                                          resp.header(b"retry-after"), resp.header(b"retry-after-ms"))
             try:
                 parsed = orjson.loads(data)
             except orjson.JSONDecodeError:
@@ -308,18 +278,17 @@ class Proxy:
         finally:
             resp.release()
 
-    def _response_headers(self, resp: aiohttp.ClientResponse, request_id: str,
-                          content_type: str) -> list[tuple[bytes, bytes]]:
+    @staticmethod
+    def _response_headers(resp: UpstreamResponse, request_id: str, content_type: str) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", content_type.encode("latin-1")), (b"x-request-id", request_id.encode())]
-        for name, value in resp.headers.items():
-            lowered = name.lower()
-            if lowered in _FORWARD_RESPONSE:
-                headers.append((lowered.encode(), value.encode("latin-1")))
-            elif lowered == "x-request-id":
-                headers.append((b"x-upstream-request-id", value.encode("latin-1")))
+        for name, value in resp.headers:
+            if name in _FORWARD_RESPONSE:
+                headers.append((name, value))
+            elif name == b"x-request-id":
+                headers.append((b"x-upstream-request-id", value))
         return headers
 
-    async def _stream(self, up: UpstreamConfig, ep: Endpoint, resp: aiohttp.ClientResponse,
+    async def _stream(self, up: UpstreamConfig, ep: Endpoint, resp: UpstreamResponse,
                       follower: StreamFollower, request_id: str, call: CallState, t0: float, send: Send,
                       receive: Receive) -> None:
         """Pass an SSE stream through as it arrives, metering it on the side.
@@ -344,7 +313,7 @@ class Proxy:
         perf = time.perf_counter
         try:
             try:
-                async for chunk in resp.content.iter_any():
+                async for chunk in resp:
                     seen = follower.content_chunks
                     out = follower.feed(chunk)
                     if follower.content_chunks != seen:
@@ -354,18 +323,17 @@ class Proxy:
                         call.last_token = now
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                err = translate_client_error(exc, up.name)
-                call.error_type = err.error_type
-                log.warning("stream %s from %s broke off: %s", request_id, up.name, err.message)
-                await self._end_stream_with_error(send, err, ep, state)
+            except UpstreamError as exc:
+                call.error_type = exc.error_type
+                log.warning("stream %s from %s broke off: %s", request_id, up.name, exc.message)
+                await self._end_stream_with_error(send, exc, ep, state)
                 return
             if not follower.finished and follower.error is None:
-                err = UpstreamInvalidResponse(f"upstream '{up.name}' ended the stream before it was complete",
+                cut = UpstreamInvalidResponse(f"upstream '{up.name}' ended the stream before it was complete",
                                               up.name)
-                call.error_type = err.error_type
-                log.warning("stream %s: %s", request_id, err.message)
-                await self._end_stream_with_error(send, err, ep, state)
+                call.error_type = cut.error_type
+                log.warning("stream %s: %s", request_id, cut.message)
+                await self._end_stream_with_error(send, cut, ep, state)
                 return
             state["finished"] = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})

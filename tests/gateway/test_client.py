@@ -1,0 +1,317 @@
+"""The upstream client: keep-alive, body framing, decoding, timeouts and failures, against
+real servers on loopback (a scripted raw TCP server, and the simulated upstream over TLS)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trustme
+from aiohttp import web
+
+from tokenbooth.config import TimeoutConfig
+from tokenbooth.errors import (
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamInvalidResponse,
+    UpstreamReadTimeout,
+)
+from tokenbooth.gateway.client import Pool
+from tokenbooth.simulate import Simulator
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    return head + await reader.readexactly(length)
+
+
+def _ok(body: bytes, *extra: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s" % (
+        len(body), b"".join(h + b"\r\n" for h in extra), body)
+
+
+def _run(handler: Handler, scenario: Callable[[Pool, list[bytes]], Awaitable[None]],
+         timeout: TimeoutConfig | None = None) -> list[bytes]:
+    """Serve ``handler`` on a free port, run ``scenario`` against a pool for it; returns the requests seen."""
+    seen: list[bytes] = []
+
+    async def main() -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await handler(reader, writer)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = Pool(f"http://127.0.0.1:{port}/v1", timeout or TimeoutConfig(), upstream="up")
+        try:
+            await scenario(pool, seen)
+        finally:
+            pool.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+    return seen
+
+
+def test_calls_reuse_one_keep_alive_connection_and_send_what_was_asked() -> None:
+    connections: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        while True:
+            request = await _read_request(reader)
+            writer.write(_ok(b'{"n":%d}' % request.count(b"x"), b"x-request-id: up-1"))
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> None:
+        for n in range(1, 6):
+            resp = await pool.request(b"/chat/completions", b"x" * n, [(b"authorization", b"Bearer k")])
+            assert (resp.status, await resp.read()) == (200, b'{"n":%d}' % n)
+            assert resp.header(b"x-request-id") == "up-1" and resp.header(b"nope") is None
+            resp.release()
+
+    _run(handler, scenario)
+    assert len(connections) == 1
+
+
+def test_the_request_carries_the_base_path_host_length_and_headers() -> None:
+    requests: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await _read_request(reader))
+        writer.write(_ok(b"{}"))
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> None:
+        resp = await pool.request(b"/embeddings", b'{"a":1}', [(b"x-api-key", b"secret")])
+        await resp.read()
+        resp.release()
+
+    _run(handler, scenario)
+    head, body = requests[0].split(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /v1/embeddings HTTP/1.1"
+    assert b"content-length: 7" in lines and b"x-api-key: secret" in lines
+    assert any(line.startswith(b"host: 127.0.0.1:") for line in lines)
+    assert body == b'{"a":1}'
+
+
+def test_chunked_gzip_and_close_delimited_bodies_are_decoded() -> None:
+    payload = b'{"hello":"' + b"w" * 5000 + b'"}'
+    packed = gzip.compress(payload)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-encoding: gzip\r\n\r\n")
+        for i in range(0, len(packed), 100):
+            part = packed[i:i + 100]
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\ndata: 1\n\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"data: [DONE]\n\n")
+        await writer.drain()
+        writer.close()
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> None:
+        resp = await pool.request(b"/x", b"", [])
+        assert await resp.read() == payload
+        resp.release()
+        resp = await pool.request(b"/x", b"", [])
+        chunks = [chunk async for chunk in resp]
+        assert chunks == [b"data: 1\n\n", b"data: [DONE]\n\n"], "each chunk as it arrived, then the end"
+        resp.release()
+
+    _run(handler, scenario)
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.02])  # reused before or after the hang-up is seen
+def test_an_idle_connection_the_upstream_closed_is_replaced_without_losing_the_call(pause: float) -> None:
+    served = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        await _read_request(reader)
+        served += 1
+        writer.write(_ok(b"{}"))
+        await writer.drain()
+        # then hang up after the answer, as a server whose keep-alive timeout ran out
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> None:
+        for _ in range(3):
+            resp = await pool.request(b"/x", b"", [])
+            assert resp.status == 200
+            await resp.read()
+            resp.release()
+            await asyncio.sleep(pause)
+
+    _run(handler, scenario)
+    assert served == 3
+
+
+def test_a_response_cut_off_mid_body_is_a_connection_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"partial")
+        await writer.drain()
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> None:
+        resp = await pool.request(b"/x", b"", [])
+        with pytest.raises(UpstreamConnectError, match="broke off"):
+            await resp.read()
+        resp.release()
+
+    _run(handler, scenario)
+
+
+def test_garbage_is_an_invalid_response() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"SMTP ready\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> None:
+        with pytest.raises(UpstreamInvalidResponse, match="malformed"):
+            await pool.request(b"/x", b"", [])
+
+    _run(handler, scenario)
+
+
+def test_silence_between_bytes_is_a_read_timeout_and_a_slow_steady_stream_is_not() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(6):  # 0.6 s in all, never 0.3 s quiet
+            await asyncio.sleep(0.1)
+            writer.write(b"2\r\nok\r\n")
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await _read_request(reader)
+        await asyncio.sleep(2)  # says nothing at all
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> None:
+        resp = await pool.request(b"/x", b"", [])
+        assert await resp.read() == b"ok" * 6
+        resp.release()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(UpstreamReadTimeout, match=r"did not answer in time \(silent for 0.3 s\)"):
+            await pool.request(b"/x", b"", [])
+        assert 0.25 <= loop.time() - started < 1.5
+
+    _run(handler, scenario, TimeoutConfig(connect=1, read=0.3, total=60))
+
+
+def test_the_total_timeout_bounds_a_stream_that_never_stops() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        while True:
+            await asyncio.sleep(0.05)
+            writer.write(b"2\r\nok\r\n")
+            await writer.drain()
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> None:
+        resp = await pool.request(b"/x", b"", [])
+        with pytest.raises(UpstreamReadTimeout, match=r"did not answer in time \(over the 0.5 s total\)"):
+            async for _ in resp:
+                pass
+        resp.release()
+
+    _run(handler, scenario, TimeoutConfig(connect=1, read=0.3, total=0.5))
+
+
+def test_a_refused_connection_and_a_full_backlog_are_connect_errors() -> None:
+    async def main() -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # bound, not listening: refused
+        with pytest.raises(UpstreamConnectError, match="unreachable"):
+            await Pool(f"http://127.0.0.1:{port}", TimeoutConfig(), upstream="up").request(b"/x", b"", [])
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # never accepts: once the backlog is full, handshakes go unanswered
+        fillers = []
+        try:
+            pool = Pool(f"http://127.0.0.1:{listener.getsockname()[1]}", TimeoutConfig(connect=0.3), upstream="up")
+            with pytest.raises(UpstreamConnectTimeout):
+                for _ in range(8):
+                    sock = socket.socket()
+                    sock.setblocking(False)
+                    fillers.append(sock)
+                    await pool._connect()
+        finally:
+            for sock in fillers:
+                sock.close()
+            listener.close()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_request_does_not_return_its_connection_to_the_pool() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        await asyncio.sleep(0.3)
+        writer.write(_ok(b'{"late":true}'))
+        await writer.drain()
+        await reader.read()
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> None:
+        task = asyncio.ensure_future(pool.request(b"/x", b"", []))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not pool.idle
+
+    _run(handler, scenario)
+
+
+def test_tls_upstreams_are_verified_and_served(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+
+    async def main() -> None:
+        sim = Simulator()
+        runner = web.AppRunner(sim.app, access_log=None, handle_signals=False)
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        site = web.SockSite(runner, sock, ssl_context=server_ctx)
+        await site.start()
+        url = f"https://127.0.0.1:{sock.getsockname()[1]}/v1"
+        try:
+            pool = Pool(url, TimeoutConfig(), upstream="tls", ssl_context=trusting)
+            resp = await pool.request(b"/chat/completions", b'{"model":"gpt-4o-mini","messages":[]}',
+                                      [(b"content-type", b"application/json")])
+            assert resp.status == 200 and b"chat.completion" in await resp.read()
+            resp.release()
+            pool.close()
+            # the system's trust store does not know this CA: the handshake fails, named as such
+            with pytest.raises(UpstreamConnectError, match="TLS"):
+                await Pool(url, TimeoutConfig(), upstream="tls").request(b"/models", b"", [], method=b"GET")
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
