@@ -159,3 +159,30 @@ def test_a_writer_closed_without_starting_still_writes_what_was_submitted(tmp_pa
     writer.close()
     assert _count(engine) == 3
     engine.dispose()
+
+
+def _nice(tid: int) -> int:
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])  # field 19, counted after the command name
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice values are a Linux feature")
+def test_the_writer_thread_runs_below_the_request_path_and_leaves_the_caller_alone(tmp_path: Path) -> None:
+    import threading
+
+    engine = connect(f"sqlite:///{tmp_path / 'ledger.db'}")
+    writer = LedgerWriter(engine, Metrics(CollectorRegistry()), flush_interval=0.01)
+    mine = _nice(threading.get_native_id())
+    writer.start()
+    writer.submit(record())
+    assert writer.flush(10)
+    assert writer._thread.native_id is not None
+    assert _nice(writer._thread.native_id) == min(mine + 5, 19)
+    writer.close()
+    # a writer that never started writes on close() from the caller's thread, at the caller's priority
+    idle = LedgerWriter(engine, Metrics(CollectorRegistry()))
+    idle.submit(record())
+    idle.close()
+    assert _nice(threading.get_native_id()) == mine
+    assert _count(engine) == 2
+    engine.dispose()

@@ -8,9 +8,11 @@ and response objects would cost more CPU per call than the whole proxy path
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
+import sys
 import time
 from typing import Any
 
@@ -64,6 +66,7 @@ class Gateway:
         await self.proxy.start()
         if self.ledger is not None:
             self.ledger.start()
+        _tune_interpreter()
 
     async def shutdown(self) -> None:
         await self.proxy.close()
@@ -167,6 +170,19 @@ class Gateway:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return []
         return [m for m in listed if isinstance(m, dict)]
+
+
+def _tune_interpreter() -> None:
+    """Keep the event loop's tail latency low in a gateway process.
+
+    The ledger writer thread holds the GIL while it turns records into rows; by default the
+    interpreter lets a thread keep it for 5 ms before the event loop may run, which showed as
+    a 3 ms p99 at one call at a time. Everything built at start-up (price tables, routes,
+    modules) is moved out of the collector's sight, so full collections stay short.
+    """
+    sys.setswitchinterval(0.0005)
+    gc.collect()
+    gc.freeze()
 
 
 async def _read_body(receive: Receive) -> bytes:

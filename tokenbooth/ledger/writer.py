@@ -10,7 +10,9 @@ written is appended to a JSON-lines spill file rather than dropped, and counted 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from pathlib import Path
@@ -38,6 +40,23 @@ class _Marker:
 
     def __init__(self) -> None:
         self.done = threading.Event()
+
+
+# How much nicer the writer thread is than the thread that started it. Pinned to one core, a writer at the loop's priority took the
+# CPU from the event loop for milliseconds at a time (p99 at one call at a time: 2.5 ms, against
+# 0.9 ms at 5). At 5, CFS still gives it a quarter of a saturated core; it needs about a sixth.
+_WRITER_NICE = 5
+
+
+def _yield_to_the_request_path() -> None:
+    """Lower this thread's scheduling priority below the event loop's (Linux: per-thread nice)."""
+    if sys.platform != "linux":
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + _WRITER_NICE, 19))
+    except OSError as exc:  # a sandbox may forbid it; the writer works all the same
+        log.debug("ledger writer keeps its priority: %s", exc)
 
 
 class LedgerWriter:
@@ -116,6 +135,8 @@ class LedgerWriter:
         # in bulk, rather than waking for every row: fewer GIL hand-offs with the event loop.
         stop = False
         limit = self.batch_size * 4
+        if threading.current_thread() is self._thread:  # not when close() runs this loop itself
+            _yield_to_the_request_path()
         while not stop:
             if self._queue.empty():
                 self._wake.wait(self.flush_interval)
