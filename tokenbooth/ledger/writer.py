@@ -42,9 +42,10 @@ class _Marker:
         self.done = threading.Event()
 
 
-# How much nicer the writer thread is than the thread that started it. Pinned to one core, a writer at the loop's priority took the
-# CPU from the event loop for milliseconds at a time (p99 at one call at a time: 2.5 ms, against
-# 0.9 ms at 5). At 5, CFS still gives it a quarter of a saturated core; it needs about a sixth.
+# How much nicer the writer thread is than the thread that started it. Pinned to one core, a
+# writer at the loop's priority took the CPU from the event loop for milliseconds at a time (p99
+# at one call at a time: 2.5 ms, against 0.9 ms at +5). At +5, CFS still gives it a quarter of a
+# saturated core; it needs about a sixth.
 _WRITER_NICE = 5
 
 
