@@ -284,7 +284,7 @@ def test_a_cancelled_request_does_not_return_its_connection_to_the_pool() -> Non
     _run(handler, scenario)
 
 
-def test_tls_upstreams_are_verified_and_served(tmp_path: Path) -> None:
+def test_tls_upstreams_are_verified_and_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -311,6 +311,15 @@ def test_tls_upstreams_are_verified_and_served(tmp_path: Path) -> None:
             # the system's trust store does not know this CA: the handshake fails, named as such
             with pytest.raises(UpstreamConnectError, match="TLS"):
                 await Pool(url, TimeoutConfig(), upstream="tls").request(b"/models", b"", [], method=b"GET")
+            # SSL_CERT_FILE names a CA bundle for the default context, as the README says
+            bundle = tmp_path / "ca.pem"
+            ca.cert_pem.write_to_path(str(bundle))
+            monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+            pool = Pool(url, TimeoutConfig(), upstream="tls")
+            resp = await pool.request(b"/models", b"", [], method=b"GET")
+            assert resp.status == 200 and b"gpt-4o-mini" in await resp.read()
+            resp.release()
+            pool.close()
         finally:
             await runner.cleanup()
 
