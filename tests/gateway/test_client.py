@@ -179,6 +179,27 @@ def test_a_response_cut_off_mid_body_is_a_connection_error() -> None:
     _run(handler, scenario)
 
 
+def test_bytes_after_a_complete_answer_retire_the_connection() -> None:
+    connections: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        while True:
+            await _read_request(reader)
+            writer.write(_ok(b"{}") + b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")  # one answer too many
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> None:
+        for _ in range(2):
+            resp = await pool.request(b"/x", b"", [])
+            assert await resp.read() == b"{}"
+            resp.release()
+            assert resp._conn.closed, "retired, not leaked"
+        assert not pool.idle
+
+    _run(handler, scenario)
+    assert len(connections) == 2
+
+
 def test_garbage_is_an_invalid_response() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)

@@ -187,15 +187,15 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
         self.last_data = self.loop.time()
-        if self.head is None and self.response is None:
-            self.abort()  # bytes nobody asked for: the connection cannot be trusted
+        if self.complete or (self.head is None and self.response is None):
+            self.abort()  # bytes after the answer, or nobody asked: the connection cannot be trusted
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._broken(UpstreamInvalidResponse(f"upstream '{self.pool.upstream}' tried to upgrade the connection",
                                                  self.pool.upstream))
-        except httptools.HttpParserError:
+        except httptools.HttpParserError:  # a callback's exception arrives wrapped in one too
             self._broken(UpstreamInvalidResponse(f"upstream '{self.pool.upstream}' sent a malformed HTTP response",
                                                  self.pool.upstream))
 
@@ -215,6 +215,10 @@ class _Connection(asyncio.Protocol):
         return b"content-length" not in names and b"transfer-encoding" not in names
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer to one request: stop parsing, retire the connection
+            raise ValueError("unsolicited response")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
 
