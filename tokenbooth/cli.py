@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from tokenbooth.errors import ConfigError, TokenboothError, UsageError
 
@@ -19,6 +20,14 @@ __all__ = ["main"]
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _via(proxy: str | None) -> str:
+    """The start-up line's ' via proxy HOST:PORT', never the proxy's credentials."""
+    if proxy is None:
+        return ""
+    parts = urlsplit(proxy)
+    return f" via proxy {parts.hostname}:{parts.port or 80}"
 
 
 def _date(value: str) -> dt.date:
@@ -133,7 +142,7 @@ def _serve(args: argparse.Namespace) -> None:
         raise ConfigError("No upstreams configured: pass --upstream URL, or a config file with 'upstreams'.")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     report_lost_rows(settings)
-    ups = ", ".join(f"{u.name} ({u.provider}) {u.base_url}" for u in settings.upstreams)
+    ups = ", ".join(f"{u.name} ({u.provider}) {u.base_url}{_via(u.proxy_url())}" for u in settings.upstreams)
     workers = f" on {settings.workers} workers" if settings.workers > 1 else ""
     print(f"tokenbooth gateway on http://{settings.host}:{settings.port}/v1{workers} -> {ups}", flush=True)
     print(f"  ledger {safe_url(settings.ledger.url) if settings.ledger.enabled else 'off'}; "

@@ -10,11 +10,14 @@ Environment variables name a key path with ``__`` between levels, e.g.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import urllib.request
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -69,6 +72,15 @@ class RouteTarget(_Model):
     model: str | None = None  # None: the model the client asked for
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class UpstreamConfig(_Model):
     """One upstream API: where it is, what it speaks, which models it serves."""
 
@@ -83,6 +95,10 @@ class UpstreamConfig(_Model):
     stream_usage: bool = True
     retry: RetryConfig = RetryConfig()
     circuit: CircuitConfig = CircuitConfig()
+    # An HTTP proxy (http://[user:password@]host:port) in front of this upstream. Unset: the
+    # environment's HTTPS_PROXY / HTTP_PROXY / ALL_PROXY unless NO_PROXY names the host;
+    # "direct": no proxy, whatever the environment says.
+    proxy: str | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -90,6 +106,30 @@ class UpstreamConfig(_Model):
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, v: str | None) -> str | None:
+        if v is None or v == "direct":
+            return v
+        parts = urlsplit(v)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError('must be "direct" or an http:// proxy URL such as http://proxy.internal:3128')
+        return v
+
+    def proxy_url(self) -> str | None:
+        """The proxy this upstream's connections go through, or None for a direct connection."""
+        if self.proxy == "direct":
+            return None
+        if self.proxy:
+            return self.proxy
+        target = urlsplit(self.base_url)
+        host = target.hostname or ""
+        env = urllib.request.getproxies_environment()
+        found = env.get(target.scheme) or env.get("all")
+        if not found or _loopback(host) or urllib.request.proxy_bypass(host):
+            return None  # an environment proxy is for leaving the machine, not for reaching it
+        return found if "://" in found else f"http://{found}"
 
     def api_key(self) -> str | None:
         """The upstream key, read from the named environment variable at use."""

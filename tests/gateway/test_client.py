@@ -4,10 +4,11 @@ real servers on loopback (a scripted raw TCP server, and the simulated upstream 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -305,24 +306,33 @@ def test_a_cancelled_request_does_not_return_its_connection_to_the_pool() -> Non
     _run(handler, scenario)
 
 
-def test_tls_upstreams_are_verified_and_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.asynccontextmanager
+async def _tls_simulator() -> AsyncIterator[tuple[str, trustme.CA]]:
+    """The simulated upstream over TLS with a certificate from a fresh test CA: (base URL, CA)."""
     ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server_ctx)
-    trusting = ssl.create_default_context()
-    ca.configure_trust(trusting)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    runner = web.AppRunner(Simulator().app, access_log=None, handle_signals=False)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock, ssl_context=server_ctx).start()
+    try:
+        yield f"https://127.0.0.1:{sock.getsockname()[1]}/v1", ca
+    finally:
+        await runner.cleanup()
 
+
+def _trusting(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+def test_tls_upstreams_are_verified_and_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
-        sim = Simulator()
-        runner = web.AppRunner(sim.app, access_log=None, handle_signals=False)
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        site = web.SockSite(runner, sock, ssl_context=server_ctx)
-        await site.start()
-        url = f"https://127.0.0.1:{sock.getsockname()[1]}/v1"
-        try:
+        async with _tls_simulator() as (url, ca):
+            trusting = _trusting(ca)
             pool = Pool(url, TimeoutConfig(), upstream="tls", ssl_context=trusting)
             resp = await pool.request(b"/chat/completions", b'{"model":"gpt-4o-mini","messages":[]}',
                                       [(b"content-type", b"application/json")])
@@ -341,7 +351,110 @@ def test_tls_upstreams_are_verified_and_served(tmp_path: Path, monkeypatch: pyte
             assert resp.status == 200 and b"gpt-4o-mini" in await resp.read()
             resp.release()
             pool.close()
-        finally:
-            await runner.cleanup()
 
     asyncio.run(main())
+
+
+class _Proxy:
+    """A small HTTP proxy on loopback: CONNECT tunnels, and plain requests it answers itself.
+    It keeps every request head it saw."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> _Proxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.heads.append(head)
+            method, target, _ = head.split(b"\r\n", 1)[0].split(b" ")
+            if b"proxy-authorization: Basic dXNlcjpwIHc=" not in head:  # user:"p w"
+                writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n")
+                return
+            if method != b"CONNECT":
+                writer.write(_ok(b'{"via":"proxy"}'))
+                await writer.drain()
+                return
+            host, port = target.rsplit(b":", 1)
+            up_reader, up_writer = await asyncio.open_connection(host.decode(), int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+        finally:
+            writer.close()
+
+
+def test_plain_http_goes_through_a_proxy_with_the_absolute_url_and_credentials() -> None:
+    async def main() -> None:
+        async with _Proxy() as proxy:
+            pool = Pool("http://upstream.example:8000/v1", TimeoutConfig(), upstream="up",
+                        proxy=f"http://user:p%20w@127.0.0.1:{proxy.port}")
+            resp = await pool.request(b"/chat/completions", b"{}", [])
+            assert await resp.read() == b'{"via":"proxy"}'
+            resp.release()
+            pool.close()
+            assert proxy.heads[0].startswith(b"POST http://upstream.example:8000/v1/chat/completions HTTP/1.1\r\n")
+            assert b"host: upstream.example:8000\r\n" in proxy.heads[0]
+
+    asyncio.run(main())
+
+
+def test_https_goes_through_a_connect_tunnel_and_a_refusal_is_named() -> None:
+    async def main() -> None:
+        async with _tls_simulator() as (url, ca):
+            trusting = _trusting(ca)
+            port = int(url.split(":")[2].split("/")[0])
+            async with _Proxy() as proxy:
+                pool = Pool(url, TimeoutConfig(), upstream="tls", ssl_context=trusting,
+                            proxy=f"http://user:p%20w@127.0.0.1:{proxy.port}")
+                for _ in range(2):  # the second call reuses the tunnel
+                    resp = await pool.request(b"/chat/completions", b'{"model":"gpt-4o-mini","messages":[]}', [])
+                    assert resp.status == 200 and b"chat.completion" in await resp.read()
+                    resp.release()
+                pool.close()
+                assert len(proxy.heads) == 1
+                assert proxy.heads[0].startswith(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n" % port)
+                wrong = Pool(url, TimeoutConfig(), upstream="tls", ssl_context=trusting,
+                             proxy=f"http://user:wrong@127.0.0.1:{proxy.port}")
+                with pytest.raises(UpstreamConnectError, match=r"through its proxy: .* refused the tunnel .* 407") \
+                        as refused:
+                    await wrong.request(b"/models", b"", [], method=b"GET")
+                assert "wrong" not in str(refused.value), "proxy credentials never appear in errors"
+
+    asyncio.run(main())
+
+
+def test_the_environment_names_the_proxy_unless_no_proxy_or_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenbooth.config import UpstreamConfig
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                 "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    remote = UpstreamConfig(name="a", base_url="https://api.openai.com/v1")
+    assert remote.proxy_url() is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://egress:3128")
+    assert remote.proxy_url() == "http://egress:3128"
+    assert UpstreamConfig(name="b", base_url="http://127.0.0.1:9000/v1").proxy_url() is None
+    assert UpstreamConfig(name="c", base_url="https://api.openai.com/v1", proxy="direct").proxy_url() is None
+    assert UpstreamConfig(name="d", base_url="https://x.example/v1", proxy="http://other:8080").proxy_url() == \
+        "http://other:8080"
+    monkeypatch.setenv("NO_PROXY", "openai.com")
+    assert remote.proxy_url() is None
+    with pytest.raises(ValueError, match="direct"):
+        UpstreamConfig(name="e", base_url="https://x.example/v1", proxy="socks5://p:1080")

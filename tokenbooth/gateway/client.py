@@ -26,11 +26,12 @@ never took the request.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import ssl
 import zlib
 from collections.abc import AsyncIterator, Iterable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -323,11 +324,31 @@ class _Connection(asyncio.Protocol):
             self.abort()
 
 
+class _Tunnel(asyncio.Protocol):
+    """Reads a proxy's answer to CONNECT; the connection then carries TLS to the upstream."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.reply: asyncio.Future[int] = loop.create_future()
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer and not self.reply.done():
+            try:
+                self.reply.set_result(int(self.buffer.split(b" ", 2)[1]))
+            except (IndexError, ValueError):
+                self.reply.set_exception(ConnectionError("the proxy sent a malformed answer to CONNECT"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.reply.done():
+            self.reply.set_exception(ConnectionError("the proxy closed the connection"))
+
+
 class Pool:
     """Keep-alive connections to one upstream origin (scheme, host, port)."""
 
     def __init__(self, base_url: str, timeout: TimeoutConfig, *, upstream: str,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, proxy: str | None = None) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -336,12 +357,25 @@ class Pool:
         self.host = parts.hostname
         self.tls = parts.scheme == "https"
         self.port = parts.port or (443 if self.tls else 80)
-        self.prefix = parts.path.rstrip("/").encode()
         default_port = self.port == (443 if self.tls else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = (host if default_port else f"{host}:{self.port}").encode("idna")
+        self.authority = f"{host}:{self.port}".encode("idna")  # what CONNECT asks a proxy for
+        self.prefix = parts.path.rstrip("/").encode()
         self.ssl_context = ssl_context if ssl_context is not None else \
             (ssl.create_default_context() if self.tls else None)
+        self.proxy: tuple[str, int] | None = None
+        self.proxy_auth = b""  # the Proxy-Authorization header line, if the proxy URL has credentials
+        if proxy is not None:
+            p = urlsplit(proxy)
+            if p.scheme != "http" or not p.hostname:
+                raise ValueError("the proxy must be an http:// URL")
+            self.proxy = (p.hostname, p.port or 80)
+            if p.username is not None:
+                token = base64.b64encode(f"{unquote(p.username)}:{unquote(p.password or '')}".encode()).decode()
+                self.proxy_auth = f"proxy-authorization: Basic {token}\r\n".encode()
+            if not self.tls:  # plain HTTP through a proxy: the absolute URL in the request line
+                self.prefix = b"http://" + self.host_header + self.prefix
         self.idle: collections.deque[_Connection] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -358,8 +392,9 @@ class Pool:
         ``path`` is appended to the base URL's path. Raises an :class:`UpstreamError`.
         """
         head = b"".join([
-            method, b" ", self.prefix, path, b" HTTP/1.1\r\nhost: ", self.host_header,
-            b"\r\ncontent-length: ", str(len(body)).encode(), b"\r\naccept-encoding: gzip, deflate\r\n",
+            method, b" ", self.prefix, path, b" HTTP/1.1\r\nhost: ", self.host_header, b"\r\n",
+            b"" if self.tls else self.proxy_auth, b"content-length: ", str(len(body)).encode(),
+            b"\r\naccept-encoding: gzip, deflate\r\n",
             *[b"%s: %s\r\n" % pair for pair in headers], b"\r\n",
         ])
         deadline = self.loop.time() + self.timeout.total
@@ -392,10 +427,7 @@ class Pool:
 
     async def _connect(self) -> _Connection:
         try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self.ssl_context,
-                                            server_hostname=self.host if self.tls else None),
-                self.timeout.connect)
+            return await asyncio.wait_for(self._open(), self.timeout.connect)
         except TimeoutError:
             raise UpstreamConnectTimeout(f"upstream '{self.upstream}' did not accept a connection in time",
                                          self.upstream) from None
@@ -403,9 +435,36 @@ class Pool:
             raise UpstreamConnectError(f"upstream '{self.upstream}' failed the TLS handshake: {exc.reason or exc}",
                                        self.upstream) from None
         except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise UpstreamConnectError(f"upstream '{self.upstream}' is unreachable: {reason}",
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            via = " through its proxy" if self.proxy else ""
+            raise UpstreamConnectError(f"upstream '{self.upstream}' is unreachable{via}: {reason}",
                                        self.upstream) from None
+
+    async def _open(self) -> _Connection:
+        if self.proxy is None:
+            _, conn = await self.loop.create_connection(
+                lambda: _Connection(self), self.host, self.port, ssl=self.ssl_context,
+                server_hostname=self.host if self.tls else None)
+            return conn
+        if not self.tls:
+            _, conn = await self.loop.create_connection(lambda: _Connection(self), *self.proxy)
+            return conn
+        # HTTPS through a proxy: a CONNECT tunnel, then TLS with the upstream inside it
+        transport, tunnel = await self.loop.create_connection(lambda: _Tunnel(self.loop), *self.proxy)
+        try:
+            transport.write(b"CONNECT %s HTTP/1.1\r\nhost: %s\r\n%s\r\n" % (
+                self.authority, self.authority, self.proxy_auth))
+            status = await tunnel.reply
+            if not 200 <= status < 300:
+                raise ConnectionError(f"the proxy refused the tunnel with status {status}")
+            conn = _Connection(self)
+            tls = await self.loop.start_tls(transport, conn, self.ssl_context,  # type: ignore[arg-type]
+                                            server_hostname=self.host)
+        except BaseException:
+            transport.abort()
+            raise
+        assert tls is not None
+        conn.connection_made(tls)
         return conn
 
     def close(self) -> None:

@@ -65,7 +65,8 @@ class Proxy:
         self.meter = meter
         self.recorder = Recorder(meter, prices, tokens, estimator)
         self.session: aiohttp.ClientSession | None = None  # for the cold paths: model lists, webhooks
-        self.pools = {up.name: Pool(up.base_url, up.timeout, upstream=up.name) for up in router.upstreams}
+        self.pools = {up.name: Pool(up.base_url, up.timeout, upstream=up.name, proxy=up.proxy_url())
+                      for up in router.upstreams}
         # Keys are read from their env vars once, at start-up, and live only in these headers.
         self._keys = {up.name: key for up in router.upstreams if (key := up.api_key())}
         self._fixed = {(up.name, fmt): self._fixed_headers(up, fmt)
