@@ -74,6 +74,16 @@ def test_bad_values_name_the_key_and_the_value(overrides: dict[str, object], mes
     assert message in info.value.message
 
 
+def test_a_url_password_in_a_bad_value_is_masked() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides={"ledger": {"url": "postgresql://app:hunter2@db/ledger", "batch_size": 0}}, environ={})
+    assert "hunter2" not in info.value.message
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides={"upstreams": [{"name": "a", "base_url": "https://x.example/v1",
+                                                "proxy": "socks5://app:hunter2@p:1080"}]}, environ={})
+    assert "'socks5://app:***@p:1080'" in info.value.message and "hunter2" not in info.value.message
+
+
 def test_bad_env_value_names_the_key() -> None:
     with pytest.raises(ConfigError, match="Config 'port' has value 'x'"):
         load_settings(environ={"TOKENBOOTH_PORT": "x"})

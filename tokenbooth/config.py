@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import urllib.request
 from collections.abc import Mapping
 from decimal import Decimal
@@ -72,6 +73,30 @@ class RouteTarget(_Model):
     model: str | None = None  # None: the model the client asked for
 
 
+_CREDENTIALS = re.compile(r"(?<=://)([^/@\s]*?):[^@\s]*@")
+
+
+def _masked(value: Any) -> Any:
+    """A config value fit for an error message: a URL's password shows as ``***``.
+
+    >>> _masked("http://user:s3cret@proxy:3128"), _masked(8080)
+    ('http://user:***@proxy:3128', 8080)
+    """
+    return _CREDENTIALS.sub(r"\1:***@", value) if isinstance(value, str) else value
+
+
+_PROXY_FORM = ("an http:// proxy URL such as http://user:password@proxy.internal:3128 (with '/', '?', '#' and "
+               "'@' in the credentials %-quoted)")
+
+
+def _usable_proxy(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        return parts.scheme == "http" and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a bad port, or a '/' in the password
+        return False
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -112,9 +137,8 @@ class UpstreamConfig(_Model):
     def _proxy(cls, v: str | None) -> str | None:
         if v is None or v == "direct":
             return v
-        parts = urlsplit(v)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError('must be "direct" or an http:// proxy URL such as http://proxy.internal:3128')
+        if not _usable_proxy(v):
+            raise ValueError(f'must be "direct" or {_PROXY_FORM}')
         return v
 
     def proxy_url(self) -> str | None:
@@ -129,7 +153,11 @@ class UpstreamConfig(_Model):
         found = env.get(target.scheme) or env.get("all")
         if not found or _loopback(host) or urllib.request.proxy_bypass(host):
             return None  # an environment proxy is for leaving the machine, not for reaching it
-        return found if "://" in found else f"http://{found}"
+        url = found if "://" in found else f"http://{found}"
+        if not _usable_proxy(url):
+            raise ConfigError(f"Upstream '{self.name}': the environment's proxy {_masked(url)!r} is not usable; "
+                              f"set HTTPS_PROXY / HTTP_PROXY to {_PROXY_FORM}, or the upstream's proxy to 'direct'.")
+        return url
 
     def api_key(self) -> str | None:
         """The upstream key, read from the named environment variable at use."""
@@ -367,7 +395,7 @@ def _describe(errors: ValidationError, data: Mapping[str, Any]) -> str:
         elif err["type"] == "missing":
             parts.append(f"Config key '{key}' is required.")
         elif value is not None and not isinstance(value, Mapping | list):
-            parts.append(f"Config '{key}' has value {value!r}: {err['msg']}.")
+            parts.append(f"Config '{key}' has value {_masked(value)!r}: {err['msg']}.")
         else:
             parts.append(f"Config '{key}': {err['msg']}.")
     return " ".join(parts)

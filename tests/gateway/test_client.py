@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -165,21 +166,6 @@ def test_an_idle_connection_the_upstream_closed_is_replaced_without_losing_the_c
     assert served == 3
 
 
-def test_a_response_cut_off_mid_body_is_a_connection_error() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"partial")
-        await writer.drain()
-
-    async def scenario(pool: Pool, seen: list[bytes]) -> None:
-        resp = await pool.request(b"/x", b"", [])
-        with pytest.raises(UpstreamConnectError, match="broke off"):
-            await resp.read()
-        resp.release()
-
-    _run(handler, scenario)
-
-
 def test_bytes_after_a_complete_answer_retire_the_connection() -> None:
     connections: list[int] = []
 
@@ -199,6 +185,70 @@ def test_bytes_after_a_complete_answer_retire_the_connection() -> None:
 
     _run(handler, scenario)
     assert len(connections) == 2
+
+
+def test_a_large_body_read_whole_does_not_stall_on_back_pressure() -> None:
+    big = b"x" * (3 * 1024 * 1024)  # far past the 256 KB at which a streamed body pauses reading
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(_ok(big))
+        await writer.drain()
+        await reader.read()
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> None:
+        resp = await pool.request(b"/x", b"", [])
+        assert await resp.read() == big
+        resp.release()
+
+    _run(handler, scenario, TimeoutConfig(connect=1, read=2, total=5))
+
+
+_HALF_GZIP = gzip.compress(b'{"hello":"' + b"w" * 5000 + b'"}')[:40]
+
+
+@pytest.mark.parametrize(("answer", "then", "error", "match"), [
+    (b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"partial', "close", UpstreamConnectError, "broke off"),
+    # no length, no chunks: the body ends with the connection, but a reset is not an orderly end
+    (b'HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{"partial": ', "reset", UpstreamConnectError, "broke off"),
+    (_ok(_HALF_GZIP, b"content-encoding: gzip"), "hold", UpstreamInvalidResponse, "ends too soon"),
+])
+def test_a_broken_body_is_an_error_not_an_answer(answer: bytes, then: str, error: type[Exception],
+                                                 match: str) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+        if then == "reset":
+            await asyncio.sleep(0.05)
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        elif then == "hold":
+            await reader.read()
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> None:
+        resp = await pool.request(b"/x", b"", [])
+        with pytest.raises(error, match=match):
+            await resp.read()
+        resp.release()
+
+    _run(handler, scenario)
+
+
+def test_a_new_connection_the_upstream_closed_at_once_fails_fast() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()  # an overloaded upstream: accept, then hang up before the request
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> None:
+        conn = await pool._connect()
+        await asyncio.sleep(0.1)  # the hang-up is seen before the request goes out
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(UpstreamConnectError, match="closed the connection"):
+            await pool._send(conn, b"POST /x HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n", b"",
+                             started + 60)
+        assert asyncio.get_running_loop().time() - started < 1, "not after the read timeout"
+
+    _run(handler, scenario, TimeoutConfig(connect=1, read=30, total=60))
 
 
 def test_garbage_is_an_invalid_response() -> None:
@@ -441,7 +491,8 @@ def test_https_goes_through_a_connect_tunnel_and_a_refusal_is_named() -> None:
 
 
 def test_the_environment_names_the_proxy_unless_no_proxy_or_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tokenbooth.config import UpstreamConfig
+    from tokenbooth.config import UpstreamConfig, load_settings
+    from tokenbooth.errors import ConfigError
 
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
                  "no_proxy"):
@@ -458,3 +509,12 @@ def test_the_environment_names_the_proxy_unless_no_proxy_or_loopback(monkeypatch
     assert remote.proxy_url() is None
     with pytest.raises(ValueError, match="direct"):
         UpstreamConfig(name="e", base_url="https://x.example/v1", proxy="socks5://p:1080")
+    # a malformed URL (a '/' in the password) is refused, and the message masks the password
+    for bad in ("http://u:s3/cret@p:1080", "http://u:s3cret@p:99999"):
+        with pytest.raises(ConfigError, match="%-quoted") as refused:
+            load_settings(overrides={"upstreams": [{"name": "f", "base_url": "https://x.example/v1", "proxy": bad}]},
+                          environ={})
+        assert "s3" not in refused.value.message and "u:***@p:" in refused.value.message
+    monkeypatch.setenv("HTTPS_PROXY", "http://u:s3/cret@p:1080")
+    with pytest.raises(ConfigError, match=r"environment's proxy 'http://u:\*\*\*@p:1080' is not usable"):
+        UpstreamConfig(name="g", base_url="https://api.example/v1").proxy_url()

@@ -58,7 +58,8 @@ class UpstreamResponse:
     connection to the pool if the body was read to the end) or :meth:`close` to hang up.
     """
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_decoder", "_done", "_error", "_waiter", "headers", "status")
+    __slots__ = ("_buffered", "_chunks", "_conn", "_decoder", "_done", "_error", "_waiter", "_whole", "headers",
+                 "status")
 
     def __init__(self, conn: _Connection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self._conn = conn
@@ -69,6 +70,7 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._error: UpstreamError | None = None
         self._done = False
+        self._whole = False
         self._decoder: zlib._Decompress | None = None
         encoding = self.header(b"content-encoding")
         if encoding is not None and (wbits := _DECODERS.get(encoding.strip().lower().encode())):
@@ -83,6 +85,8 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body."""
+        self._whole = True  # it is all buffered anyway: reading never pauses for it
+        self._conn.resume()
         while not self._done and self._error is None:
             await self._wait()
         if self._error is not None:
@@ -134,7 +138,7 @@ class UpstreamResponse:
         if data:
             self._chunks.append(data)
             self._buffered += len(data)
-            if self._buffered > _HIGH_WATER:
+            if self._buffered > _HIGH_WATER and not self._whole:
                 self._conn.pause()
             self._wake()
 
@@ -143,6 +147,11 @@ class UpstreamResponse:
             rest = self._decoder.flush()
             if rest:
                 self._chunks.append(rest)
+            if not self._decoder.eof:
+                self._fail(UpstreamInvalidResponse(
+                    f"upstream '{self._conn.pool.upstream}' sent a compressed body that ends too soon",
+                    self._conn.pool.upstream))
+                return
         self._done = True
         self._wake()
 
@@ -201,9 +210,11 @@ class _Connection(asyncio.Protocol):
                                                  self.pool.upstream))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        aborted = self.closed  # we hung up ourselves: whatever was cut off is not an answer
         self.closed = True
         self._cancel_timer()
-        if self.response is not None and not self.complete and self._ends_at_eof():
+        if self.response is not None and not self.complete and exc is None and not aborted \
+                and self._ends_at_eof():
             self.complete = True  # a body with neither length nor chunks ends with the connection
             self.response._finish()
         if not self.complete:
@@ -248,6 +259,8 @@ class _Connection(asyncio.Protocol):
     # requests
     def send(self, head: bytes, body: bytes, deadline: float) -> asyncio.Future[UpstreamResponse]:
         assert self.transport is not None
+        if self.closed:  # the upstream hung up (or spoke unasked) before the request went out
+            raise UpstreamConnectError(f"upstream '{self.pool.upstream}' closed the connection", self.pool.upstream)
         self.headers = []
         self.response = None
         self.complete = self.keep_alive = False
@@ -367,12 +380,16 @@ class Pool:
         self.proxy: tuple[str, int] | None = None
         self.proxy_auth = b""  # the Proxy-Authorization header line, if the proxy URL has credentials
         if proxy is not None:
-            p = urlsplit(proxy)
-            if p.scheme != "http" or not p.hostname:
+            try:
+                p = urlsplit(proxy)
+                proxy_host, proxy_port, user, password = p.hostname, p.port or 80, p.username, p.password
+            except ValueError:  # the message would quote the URL's parts, credentials included
+                raise ValueError("the proxy URL is malformed (quote '/', '?', '#' and '@' in credentials)") from None
+            if p.scheme != "http" or not proxy_host:
                 raise ValueError("the proxy must be an http:// URL")
-            self.proxy = (p.hostname, p.port or 80)
-            if p.username is not None:
-                token = base64.b64encode(f"{unquote(p.username)}:{unquote(p.password or '')}".encode()).decode()
+            self.proxy = (proxy_host, proxy_port)
+            if user is not None:
+                token = base64.b64encode(f"{unquote(user)}:{unquote(password or '')}".encode()).decode()
                 self.proxy_auth = f"proxy-authorization: Basic {token}\r\n".encode()
             if not self.tls:  # plain HTTP through a proxy: the absolute URL in the request line
                 self.prefix = b"http://" + self.host_header + self.prefix
