@@ -76,8 +76,9 @@ def test_bad_values_name_the_key_and_the_value(overrides: dict[str, object], mes
 
 def test_a_url_password_in_a_bad_value_is_masked() -> None:
     with pytest.raises(ConfigError) as info:
-        load_settings(overrides={"ledger": {"url": "postgresql://app:hunter2@db/ledger", "batch_size": 0}}, environ={})
-    assert "hunter2" not in info.value.message
+        load_settings(overrides={"upstreams": [{"name": "a", "base_url": "ftp://app:hunter2@relay.example/v1"}]},
+                      environ={})
+    assert "'ftp://app:***@relay.example/v1'" in info.value.message and "hunter2" not in info.value.message
     with pytest.raises(ConfigError) as info:
         load_settings(overrides={"upstreams": [{"name": "a", "base_url": "https://x.example/v1",
                                                 "proxy": "socks5://app:hunter2@p:1080"}]}, environ={})
