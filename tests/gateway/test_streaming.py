@@ -151,3 +151,42 @@ def test_a_reported_usage_far_from_the_estimate_is_flagged(
     assert not honest.tokens_mismatch and inflated.tokens_mismatch
     assert inflated.input_tokens == 5000  # reported usage still wins
     assert gw.sample("tokenbooth_token_estimate_mismatch_total") == 1
+
+
+def test_a_client_that_hangs_up_after_the_last_event_has_a_complete_call(
+        make_gateway: Callable[..., GatewayHandle]) -> None:
+    """openai's client closes its connection at [DONE]; if the upstream's end of the HTTP body
+    comes a moment later, the call is still complete, with the usage the upstream reported."""
+    import socket
+    import threading
+
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
+    events = [
+        {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}, "finish_reason": None}]},
+        {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {**chunk, "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8}},
+    ]
+    body = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def upstream() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                         + b"%x\r\n%s\r\n" % (len(body), body))
+            time.sleep(0.5)  # the end of the HTTP body comes late
+            conn.sendall(b"0\r\n\r\n")
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=upstream, daemon=True)
+    thread.start()
+    gw = make_gateway([{"name": "raw", "base_url": f"http://127.0.0.1:{listener.getsockname()[1]}/v1"}])
+    client = track(openai.OpenAI(base_url=gw.url, api_key="k", max_retries=0))
+    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}],
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hi"
+    thread.join(5)
+    listener.close()
+    row = gw.rows()[0]
+    assert (row.outcome, row.input_tokens, row.output_tokens, row.tokens_estimated) == ("success", 7, 1, False)

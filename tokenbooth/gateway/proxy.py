@@ -324,6 +324,10 @@ class Proxy:
                         call.last_token = now
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
+                    if follower.finished:
+                        # the client has the whole answer: hanging up now (openai's client closes
+                        # at [DONE]) no longer cancels the call; the upstream's end is still read
+                        state["finished"] = True
             except UpstreamError as exc:
                 call.error_type = exc.error_type
                 log.warning("stream %s from %s broke off: %s", request_id, up.name, exc.message)
