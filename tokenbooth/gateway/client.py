@@ -91,10 +91,7 @@ class UpstreamResponse:
             await self._wait()
         if self._error is not None:
             raise self._error
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        return data
+        return self._take()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
@@ -102,9 +99,7 @@ class UpstreamResponse:
     async def _iterate(self) -> AsyncIterator[bytes]:
         while True:
             if self._chunks:
-                data = b"".join(self._chunks)
-                self._chunks.clear()
-                self._buffered = 0
+                data = self._take()
                 self._conn.resume()
                 yield data
             elif self._error is not None:
@@ -113,6 +108,13 @@ class UpstreamResponse:
                 return
             else:
                 await self._wait()
+
+    def _take(self) -> bytes:
+        """Everything buffered so far, and the buffer emptied."""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return data
 
     async def _wait(self) -> None:
         self._waiter = self._conn.loop.create_future()

@@ -64,7 +64,7 @@ class Proxy:
         self.journal = journal
         self.meter = meter
         self.recorder = Recorder(meter, prices, tokens, estimator)
-        self.session: aiohttp.ClientSession | None = None  # for the cold paths: model lists, webhooks
+        self.session: aiohttp.ClientSession | None = None  # for chat-robot webhooks (any URL), not upstreams
         self.pools = {up.name: Pool(up.base_url, up.timeout, upstream=up.name, proxy=up.proxy_url())
                       for up in router.upstreams}
         # Keys are read from their env vars once, at start-up, and live only in these headers.

@@ -1,6 +1,6 @@
 """Knowing, after a crash, how many ledger rows may be missing.
 
-Each writer keeps four counters in a small memory-mapped file: records submitted, rows written,
+Each gateway process keeps four counters in a small memory-mapped file: records submitted, rows written,
 and calls begun and ended. A call counts as begun before its upstream is contacted and as ended
 after its record was submitted, so at every instant a call that was made but is not in the
 ledger yet is counted in one of the two differences. The kernel keeps a mapped file's contents
