@@ -67,34 +67,6 @@ def test_heuristic_only_mode_loads_no_vocabulary() -> None:
     assert est.count("gpt-4o", "a" * 40) == 10
 
 
-SAMPLES = [
-    "Say hello to the benchmark.",
-    "你好，世界！请用中文回答。日本語のテキストも少し。한국어 문장.",
-    "def f(x):\n    return x ** 2  # squares\n\n\n\tindented\r\n",
-    "emoji 🚀🔥👩‍👩‍👧‍👦 and numbers 1234567890 3.14159 -42",
-    "   leading and trailing spaces   ",
-    "<|endoftext|> is ordinary text here",
-    "",
-]
-
-
-@pytest.mark.parametrize("encoding", ["o200k_base", "cl100k_base"])
-def test_the_lean_counter_counts_exactly_what_the_package_api_encodes(encoding: str) -> None:
-    import warnings
-
-    from tokenbooth.tokens import _bpe_bindings, _bpe_counter
-
-    assert _bpe_bindings() is not None, "the extension loads on its own"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import bpe_openai
-
-        reference = bpe_openai.get_encoding(encoding)
-    count = _bpe_counter(encoding)
-    for text in SAMPLES:
-        assert count(text) == len(reference.encode_ordinary(text)), text
-
-
 def test_counting_does_not_import_the_bpe_openai_package() -> None:
     import subprocess
     import sys

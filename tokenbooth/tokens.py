@@ -1,23 +1,20 @@
 """Token accounting: usage as the upstreams report it, and local estimates when they do not.
 
 Reported usage always wins. An estimate fills in when there is none (a stream the client
-hung up on, an upstream that omits usage) and is marked ``estimated``. Estimates use the
-exact BPE tokenizer of OpenAI model families, bundled offline by ``bpe-openai`` (tiktoken
-would download its vocabularies at first use), and a CJK-aware heuristic for the rest.
+hung up on, an upstream that omits usage) and is marked ``estimated``. Estimates count exactly
+for OpenAI model families (``tokenbooth.bpe``, over the vocabularies bundled offline by
+``bpe-openai``; tiktoken would download its own at first use), and use a CJK-aware heuristic
+for the rest.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import logging
 import math
-import warnings
 from collections.abc import Callable
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
+from tokenbooth import bpe
 from tokenbooth.record import TokenUsage
 
 __all__ = ["TokenEstimator", "differs", "usage_from_anthropic", "usage_from_openai"]
@@ -117,53 +114,6 @@ def heuristic_tokens(text: str) -> int:
     return cjk + math.ceil((len(text) - cjk) / 4)
 
 
-@lru_cache(maxsize=4)
-def _bpe_counter(name: str) -> Callable[[str], int]:
-    """An exact token counter for a bundled OpenAI encoding (``o200k_base``, ``cl100k_base``).
-
-    bpe-openai's Python package builds all its vocabularies as Python dicts when imported
-    (~65 MB and 0.6 s, before any is used), then more per encoding. Its Rust extension alone
-    counts exactly with ~66 MB for o200k_base and ~30 MB for cl100k_base, so the extension is
-    loaded by itself, not through the package. If that ever fails (a new layout), the
-    package's public API serves instead.
-    """
-    bindings = _bpe_bindings()
-    if bindings is not None:
-        count: Callable[[str], int] = bindings.tokenizer_for_encoding(name).count
-        return count
-    with warnings.catch_warnings():
-        # bpe-openai 0.1.x reads its bundled data through a deprecated importlib.resources call
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import bpe_openai
-
-        encoding = bpe_openai.get_encoding(name)
-    return lambda text: len(encoding.encode_ordinary(text))
-
-
-@lru_cache(maxsize=1)
-def _bpe_bindings() -> Any:
-    """bpe-openai's Rust extension module, loaded without running the package's ``__init__``."""
-    spec = importlib.util.find_spec("bpe_openai")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        for path in sorted(Path(folder).glob("_bindings.*")):
-            if path.suffix not in (".so", ".pyd"):
-                continue
-            try:
-                loader = importlib.machinery.ExtensionFileLoader("bpe_openai._bindings", str(path))
-                module_spec = importlib.util.spec_from_file_location("bpe_openai._bindings", path, loader=loader)
-                assert module_spec is not None
-                module = importlib.util.module_from_spec(module_spec)
-                loader.exec_module(module)
-                module.tokenizer_for_encoding  # noqa: B018  # the one function used: fail here if it moved
-            except Exception:  # anything at all: the public API still works
-                log.debug("bpe-openai's extension did not load on its own; using the package", exc_info=True)
-                return None
-            return module
-    return None
-
-
 def _flatten(content: Any) -> str:
     """The text of a message's content: a string, or a list of parts with ``text``."""
     if isinstance(content, str):
@@ -181,11 +131,11 @@ class TokenEstimator:
         self._by_model: dict[str, Callable[[str], int]] = {}
 
     def warm(self) -> None:
-        """Load o200k_base now (~0.1 s, ~66 MB), the encoding of today's OpenAI models, rather
-        than stall the event loop on the first estimate. cl100k_base (GPT-4, GPT-3.5 and the
-        embedding models; ~30 MB, ~30 ms) loads when a model of that family is first counted."""
+        """Load both vocabularies now (~0.3 s, ~7 MB together) rather than stall the event
+        loop on the first estimate of each family."""
         if self.use_bpe:
-            _bpe_counter("o200k_base")
+            for encoding in bpe.ENCODINGS:
+                bpe.counter(encoding)
 
     def counter(self, model: str) -> Callable[[str], int]:
         hit = self._by_model.get(model)
@@ -202,7 +152,7 @@ class TokenEstimator:
         if encoding is None:
             fn: Callable[[str], int] = heuristic_tokens
         else:
-            exact = _bpe_counter(encoding)
+            exact = bpe.counter(encoding).count
 
             def fn(text: str) -> int:
                 return exact(text) if text else 0
