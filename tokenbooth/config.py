@@ -97,6 +97,22 @@ def _usable_proxy(url: str) -> bool:
         return False
 
 
+def environment_proxy(target_url: str, owner: str, way_out: str = "") -> str | None:
+    """The proxy that ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``ALL_PROXY`` and ``NO_PROXY`` choose for
+    ``target_url``, or None to connect directly. Loopback targets always go direct."""
+    target = urlsplit(target_url)
+    host = target.hostname or ""
+    env = urllib.request.getproxies_environment()
+    found = env.get(target.scheme) or env.get("all")
+    if not found or _loopback(host) or urllib.request.proxy_bypass(host):
+        return None  # an environment proxy is for leaving the machine, not for reaching it
+    url = found if "://" in found else f"http://{found}"
+    if not _usable_proxy(url):
+        raise ConfigError(f"{owner}: the environment's proxy {_masked(url)!r} is not usable; "
+                          f"set HTTPS_PROXY / HTTP_PROXY to {_PROXY_FORM}{', ' + way_out if way_out else ''}.")
+    return url
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -147,17 +163,7 @@ class UpstreamConfig(_Model):
             return None
         if self.proxy:
             return self.proxy
-        target = urlsplit(self.base_url)
-        host = target.hostname or ""
-        env = urllib.request.getproxies_environment()
-        found = env.get(target.scheme) or env.get("all")
-        if not found or _loopback(host) or urllib.request.proxy_bypass(host):
-            return None  # an environment proxy is for leaving the machine, not for reaching it
-        url = found if "://" in found else f"http://{found}"
-        if not _usable_proxy(url):
-            raise ConfigError(f"Upstream '{self.name}': the environment's proxy {_masked(url)!r} is not usable; "
-                              f"set HTTPS_PROXY / HTTP_PROXY to {_PROXY_FORM}, or the upstream's proxy to 'direct'.")
-        return url
+        return environment_proxy(self.base_url, f"Upstream '{self.name}'", "or the upstream's proxy to 'direct'")
 
     def api_key(self) -> str | None:
         """The upstream key, read from the named environment variable at use."""

@@ -241,3 +241,23 @@ def test_bad_requests_and_failing_robots_get_clear_errors(gateway_for: Callable[
     resp = httpx.post(f"{bare.base}/alertmanager/webhook/wecom", json=payload())
     assert resp.status_code == 404
     assert resp.json()["error"]["message"] == "No wecom robot is configured: set notify.wecom.url."
+
+
+def test_robots_honour_the_environment_proxy_and_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenbooth.config import ConfigError, NotifyConfig
+    from tokenbooth.gateway.notify import Notifier
+
+    config = NotifyConfig.model_validate({"dingtalk": {"url": f"https://oapi.dingtalk.com/robot/send?access_token={TOKEN}"},
+                                          "slack": {"url": "http://127.0.0.1:9/hook"}})
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:pw@proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", "")
+    pools = Notifier(config)._pools
+    assert pools["dingtalk"].proxy == ("proxy.corp", 3128) and pools["dingtalk"].tls
+    assert pools["slack"].proxy is None  # loopback goes direct
+    monkeypatch.setenv("NO_PROXY", ".dingtalk.com")
+    assert Notifier(config)._pools["dingtalk"].proxy is None
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://user:secret@proxy.corp:1080")
+    with pytest.raises(ConfigError, match="notify.dingtalk: the environment's proxy") as caught:
+        Notifier(config)
+    assert "secret" not in str(caught.value) and TOKEN not in str(caught.value)

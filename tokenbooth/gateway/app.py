@@ -63,13 +63,13 @@ class Gateway:
             await self._lifespan(receive, send)
 
     async def startup(self) -> None:
-        await self.proxy.start()
         if self.ledger is not None:
             self.ledger.start()
         _tune_interpreter()
 
     async def shutdown(self) -> None:
-        await self.proxy.close()
+        self.proxy.close()
+        self.notifier.close()
         if self.ledger is not None:
             self.ledger.close()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -113,9 +113,7 @@ class Gateway:
             elif path.startswith(WEBHOOK_PREFIX):
                 if method != "POST":
                     raise MethodNotAllowed(f"Use POST for {path}.")
-                assert self.proxy.session is not None
-                reply = await self.notifier.handle(path.removeprefix(WEBHOOK_PREFIX), await _read_body(receive),
-                                                   self.proxy.session)
+                reply = await self.notifier.handle(path.removeprefix(WEBHOOK_PREFIX), await _read_body(receive))
                 await _respond(send, 200, reply, b"application/json")
             elif method not in ("GET", "HEAD"):
                 raise NotFound(f"Unknown request URL: {method} {path}.")

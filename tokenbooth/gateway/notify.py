@@ -29,17 +29,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
-from tokenbooth.config import NotifyConfig, RobotConfig
+from tokenbooth.config import NotifyConfig, RobotConfig, TimeoutConfig, environment_proxy
 from tokenbooth.errors import (
     InvalidRequest,
     NotFound,
     UpstreamConnectError,
+    UpstreamConnectTimeout,
     UpstreamInvalidResponse,
     UpstreamReadTimeout,
 )
+from tokenbooth.gateway.client import Pool
 
 __all__ = ["KINDS", "PATH_PREFIX", "Notification", "Notifier", "dingtalk_sign", "feishu_sign", "parse_payload"]
 
@@ -180,6 +181,19 @@ class Notifier:
 
     def __init__(self, config: NotifyConfig) -> None:
         self.config = config
+        # one keep-alive pool per configured robot; HTTPS_PROXY / NO_PROXY apply as for upstreams
+        wait = TimeoutConfig(connect=config.timeout, read=config.timeout, total=config.timeout)
+        self._pools: dict[str, Pool] = {}
+        for kind in KINDS:
+            robot: RobotConfig | None = getattr(config, kind)
+            if robot is not None:
+                self._pools[kind] = Pool(_origin(robot.url), wait, upstream=f"{kind} robot",
+                                         proxy=environment_proxy(robot.url, f"notify.{kind}"))
+
+    def close(self) -> None:
+        """Close the robots' idle connections."""
+        for pool in self._pools.values():
+            pool.close()
 
     def robot(self, kind: str) -> RobotConfig:
         """The robot for a ``kind`` in the URL path; unknown or unconfigured kinds are a 404."""
@@ -211,22 +225,29 @@ class Notifier:
             body = slack_message(n)
         return url, body
 
-    async def handle(self, kind: str, body: bytes, session: aiohttp.ClientSession) -> bytes:
+    async def handle(self, kind: str, body: bytes) -> bytes:
         """Convert one webhook call and post it; returns the JSON the gateway answers Alertmanager with."""
         self.robot(kind)
         url, message = self.request(kind, parse_payload(body))
         name = f"{kind} robot"
+        target = urllib.parse.urlsplit(url)
+        path = (target.path or "/") + (f"?{target.query}" if target.query else "")
         try:
-            async with session.post(url, data=orjson.dumps(message), headers={"Content-Type": "application/json"},
-                                    timeout=aiohttp.ClientTimeout(total=self.config.timeout)) as resp:
-                reply = await resp.read()
-                status = resp.status
-        except TimeoutError as exc:
+            resp = await self._pools[kind].request(path.encode(), orjson.dumps(message),
+                                                   [(b"content-type", b"application/json")])
+            reply = await resp.read()
+        except (UpstreamReadTimeout, UpstreamConnectTimeout) as exc:
             raise UpstreamReadTimeout(f"The {name} did not answer within {self.config.timeout:g} s.", name) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamConnectError(f"The {name} is unreachable ({type(exc).__name__}).", name) from exc
-        _check_reply(name, kind, status, reply)
+        except UpstreamConnectError as exc:
+            reason = exc.message.partition(": ")[2] or "connection failed"
+            raise UpstreamConnectError(f"The {name} is unreachable ({reason}).", name) from exc
+        _check_reply(name, kind, resp.status, reply)
         return orjson.dumps({"status": "sent", "robot": kind})
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _check_reply(name: str, kind: str, status: int, reply: bytes) -> None:

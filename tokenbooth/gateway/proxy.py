@@ -8,7 +8,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 
 from tokenbooth.calls import ENDPOINTS, CallState, Endpoint, Format, Recorder
@@ -64,7 +63,6 @@ class Proxy:
         self.journal = journal
         self.meter = meter
         self.recorder = Recorder(meter, prices, tokens, estimator)
-        self.session: aiohttp.ClientSession | None = None  # for chat-robot webhooks (any URL), not upstreams
         self.pools = {up.name: Pool(up.base_url, up.timeout, upstream=up.name, proxy=up.proxy_url())
                       for up in router.upstreams}
         # Keys are read from their env vars once, at start-up, and live only in these headers.
@@ -86,16 +84,10 @@ class Proxy:
 
         return on_change
 
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
-                                             skip_auto_headers=("User-Agent",))
-
-    async def close(self) -> None:
+    def close(self) -> None:
+        """Close the idle upstream connections."""
         for pool in self.pools.values():
             pool.close()
-        if self.session is not None:
-            await self.session.close()
 
     def _fixed_headers(self, up: UpstreamConfig, fmt: Format) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", b"application/json")]
@@ -135,7 +127,6 @@ class Proxy:
             raise InvalidRequest("'stream' must be a boolean.", "stream")
         targets = self.router.targets(model)
         session_id = client_headers.get(b"x-tokenbooth-session")
-        assert self.session is not None, "Proxy.start() was not awaited"
 
         call = CallState(targets[0][0].provider, targets[0][0].name, targets[0][1])
         started_at = time.time()
