@@ -115,6 +115,18 @@ def test_old_calls_leave_the_window() -> None:
     assert b.state is CircuitState.CLOSED  # 1 of 4 in the window
 
 
+def test_the_window_holds_a_few_slices_whatever_the_call_rate() -> None:
+    clock = Clock()
+    b = Breaker(CircuitConfig(consecutive_failures=10**9, failure_ratio=0.9, min_calls=4, window=60), clock=clock)
+    for i in range(100_000):  # 1,000 calls/s for 100 s, one in ten failing
+        (b.failure if i % 10 == 0 else b.success)()
+        clock.now += 0.001
+    assert len(b._window) <= 21
+    assert 60_000 <= b._calls_in_window <= 63_000
+    assert b._failures_in_window * 10 == pytest.approx(b._calls_in_window, abs=10)
+    assert b.state is CircuitState.CLOSED
+
+
 def test_a_disabled_breaker_never_opens() -> None:
     b = Breaker(CircuitConfig(enabled=False, consecutive_failures=1))
     for _ in range(10):

@@ -87,6 +87,9 @@ class CircuitState(IntEnum):
     OPEN = 2
 
 
+_SLICES = 20  # time slices of a breaker's failure-ratio window
+
+
 class Breaker:
     """A circuit breaker for one upstream.
 
@@ -94,6 +97,10 @@ class Breaker:
     last ``window`` seconds reaches ``failure_ratio`` with at least ``min_calls`` calls. While open,
     calls fail fast. After ``cooldown`` seconds one probe is let through (half-open): success
     closes the circuit, failure opens it for another cooldown.
+
+    The window is counted in :data:`_SLICES` time slices, so it covers between ``window`` and
+    ``window`` plus one slice, and its memory does not grow with the call rate (one entry per
+    call held 600,000 entries, ~60 MB, at 10,000 calls/s).
     """
 
     def __init__(self, config: CircuitConfig, on_change: Callable[[CircuitState], None] | None = None,
@@ -103,7 +110,9 @@ class Breaker:
         self._clock = clock
         self._on_change = on_change
         self._consecutive = 0
-        self._window: deque[tuple[float, bool]] = deque()
+        self._slice = config.window / _SLICES
+        self._window: deque[list[int]] = deque()  # [slice number, calls, failures], oldest first
+        self._calls_in_window = 0
         self._failures_in_window = 0
         self._opened_at = 0.0
         self._probe_out = False
@@ -136,7 +145,7 @@ class Breaker:
         self._note(False)
         if self.state is not CircuitState.CLOSED:
             self._window.clear()
-            self._failures_in_window = 0
+            self._calls_in_window = self._failures_in_window = 0
             self._set(CircuitState.CLOSED)
 
     def failure(self) -> None:
@@ -148,7 +157,7 @@ class Breaker:
         if self.state is CircuitState.HALF_OPEN:
             self._open()
             return
-        calls = len(self._window)
+        calls = self._calls_in_window
         if self._consecutive >= self.config.consecutive_failures or (
             calls >= self.config.min_calls and self._failures_in_window / calls >= self.config.failure_ratio
         ):
@@ -159,14 +168,21 @@ class Breaker:
         self._probe_out = False
 
     def _note(self, failed: bool) -> None:
-        now = self._clock()
+        number = int(self._clock() // self._slice)
         window = self._window
-        window.append((now, failed))
+        if window and window[-1][0] == number:
+            current = window[-1]
+        else:
+            current = [number, 0, 0]
+            window.append(current)
+            while window[0][0] < number - _SLICES:
+                _, calls, failures = window.popleft()
+                self._calls_in_window -= calls
+                self._failures_in_window -= failures
+        current[1] += 1
+        current[2] += failed
+        self._calls_in_window += 1
         self._failures_in_window += failed
-        horizon = now - self.config.window
-        while window and window[0][0] < horizon:
-            _, old = window.popleft()
-            self._failures_in_window -= old
 
     def _open(self) -> None:
         self._opened_at = self._clock()
