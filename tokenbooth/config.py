@@ -268,6 +268,7 @@ class StackConfig(_Model):
     timeout_ratio: float = Field(0.02, gt=0, lt=1)
     tool_error_ratio: float = Field(0.1, gt=0, lt=1)
     in_flight: int = Field(100, ge=1)  # calls in flight per model
+    ledger_queue: int = Field(10000, ge=1)  # ledger rows waiting to be written, per gateway process
     token_spike_factor: float = Field(3.0, gt=1)  # the last 30 min against the previous day's median
     token_spike_min_per_minute: float = Field(1000.0, ge=0)
     currency: str = "USD"  # of the three cost thresholds; converted with pricing.fx

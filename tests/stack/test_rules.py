@@ -32,7 +32,8 @@ F12 = {  # PRODUCT.md F12 and the issue, each to the alert that covers it
     "in-flight backlog": "TokenboothInFlightBacklog", "instance down": "TokenboothInstanceDown",
     "Pushgateway stale": "TokenboothPushgatewayStale", "tool error rate": "TokenboothToolErrorRate",
     "circuit open": "TokenboothCircuitOpen", "availability SLO": "TokenboothAvailabilityBurnRate",
-    "latency SLO": "TokenboothLatencyBurnRate",
+    "latency SLO": "TokenboothLatencyBurnRate", "ledger behind": "TokenboothLedgerBehind",
+    "ledger rows failed": "TokenboothLedgerRowsFailed",
 }
 
 

@@ -190,6 +190,19 @@ def _platform(s: StackConfig, p: Profile) -> list[Alert]:
               "Batch job {{ $labels.job }} last pushed metrics " + _DUR + " ago",
               "The Pushgateway's group for job {{ $labels.job }} was last pushed " + _DUR + " ago (threshold "
               f"{p.d(s.pushgateway_stale)}): the job is failing before it pushes, or has stopped."),
+        Alert("TokenboothLedgerBehind", "warning", "platform",
+              f"max by (job, instance) (tokenbooth_ledger_queue_depth) > {s.ledger_queue}", 5 * MINUTE,
+              f"{{{{ $labels.instance }}}}: {_INT} ledger rows waiting to be written",
+              f"{_INT} call rows have been queued for the ledger on {{{{ $labels.instance }}}} for {p.d(5 * MINUTE)} "
+              f"(threshold {s.ledger_queue}): the database is slow or down, or the gateway takes more calls than its "
+              "writer keeps up with. Queued rows live in the gateway's memory until written."),
+        Alert("TokenboothLedgerRowsFailed", "critical", "platform",
+              f'sum by (job, instance) (increase(tokenbooth_ledger_rows_total{{result="failed"}}[{p.d(10 * MINUTE)}]))'
+              " > 0", 0,
+              f"{{{{ $labels.instance }}}}: {_INT} ledger rows not written to the database",
+              f"{_INT} call rows could not be written to the ledger database on {{{{ $labels.instance }}}} in the "
+              f"last {p.d(10 * MINUTE)}: they went to the spill file (see the gateway's log), or were lost if that "
+              "failed too."),
         Alert("TokenboothCircuitOpen", "warning", "platform",
               "max by (upstream) (tokenbooth_circuit_state) > 0", 2 * MINUTE,
               "Circuit of upstream {{ $labels.upstream }} is not closed",

@@ -28,6 +28,7 @@ from tokenbooth.stack.series import Calls, Timeline, quantize, render
 __all__ = ["rule_tests"]
 
 GPT = {"provider": "openai", "model": "gpt-4o"}
+GATEWAY = {"job": "tokenbooth", "instance": "gateway:8080"}
 
 
 @dataclass(frozen=True)
@@ -200,8 +201,9 @@ def _cost_cases(a: AlertSet, s: StackConfig, fx: Decimal) -> list[Case]:
 def _platform_cases(a: AlertSet, s: StackConfig) -> list[Case]:
     cases = []
     for name, metric, labels, bad in (
-        ("TokenboothInstanceDown", "up", {"job": "tokenbooth", "instance": "gateway:8080"}, 0.0),
+        ("TokenboothInstanceDown", "up", GATEWAY, 0.0),
         ("TokenboothCircuitOpen", "tokenbooth_circuit_state", {"upstream": "primary"}, 2.0),
+        ("TokenboothLedgerBehind", "tokenbooth_ledger_queue_depth", GATEWAY, 2.0 * s.ledger_queue),
     ):
         t = Timeline(120)
         good = 1.0 if metric == "up" else 0.0
@@ -210,6 +212,14 @@ def _platform_cases(a: AlertSet, s: StackConfig) -> list[Case]:
         t.set(metric, labels, good, 90)
         cases.append(Case(f"{name}: {metric} is {bad:g} for an hour", t)
                      .fault(name, 0, 60, 90, [Expect(a.by_name(name), labels, bad)]))
+    t = Timeline(150)
+    failed = {**GATEWAY, "result": "failed"}
+    t.set("tokenbooth_ledger_rows_total", failed, 0, 0, 24)
+    for m in range(25, 151):  # 200 rows fail in minutes 25-29; rules are evaluated every 30 minutes
+        t.set("tokenbooth_ledger_rows_total", failed, 40.0 * min(m - 24, 5), m, m)
+    name = "TokenboothLedgerRowsFailed"
+    cases.append(Case(f"{name}: 200 rows spilled in five minutes", t)
+                 .fault(name, 0, 30, 60, [Expect(a.by_name(name), GATEWAY, 200.0)]))
     stale = s.pushgateway_stale / 60  # minutes
     every = _push_every(s)
     last = every * math.ceil(stale / every)
@@ -277,7 +287,10 @@ def _healthy(a: AlertSet, s: StackConfig, fx: Decimal) -> Case:
     t.add("tokenbooth_tool_calls_total", {**tool, "status": "error"}, v / 10 * s.tool_error_ratio / 4)
     t.set("tokenbooth_in_flight_requests", GPT, s.in_flight / 4)
     t.set("tokenbooth_circuit_state", {"upstream": "primary"}, 0)
-    t.set("up", {"job": "tokenbooth", "instance": "gateway:8080"}, 1)
+    t.set("tokenbooth_ledger_queue_depth", GATEWAY, s.ledger_queue / 2)
+    t.add("tokenbooth_ledger_rows_total", {**GATEWAY, "result": "written"}, v)
+    t.set("tokenbooth_ledger_rows_total", {**GATEWAY, "result": "failed"}, 0)
+    t.set("up", GATEWAY, 1)
     t.set("up", {"job": "tokenbooth-pushgateway", "instance": "pushgateway:9091"}, 1)
     every = _push_every(s)
     for m in range(481):
@@ -294,7 +307,9 @@ def _no_traffic(a: AlertSet) -> Case:
     t.add("tokenbooth_tool_calls_total", {"tool": "web_search", "status": "error"}, 0)
     t.set("tokenbooth_in_flight_requests", GPT, 0)
     t.set("tokenbooth_circuit_state", {"upstream": "primary"}, 0)
-    t.set("up", {"job": "tokenbooth", "instance": "gateway:8080"}, 1)
+    t.set("tokenbooth_ledger_queue_depth", GATEWAY, 0)
+    t.set("tokenbooth_ledger_rows_total", {**GATEWAY, "result": "failed"}, 0)
+    t.set("up", GATEWAY, 1)
     case = Case("no traffic: every alert silent, no ratio or quantile (no NaN)", t)
     n = a.names
     for expr in (n.failed_ratio(), n.failed_ratio(3 * 86400), n.slow_ratio(), n.error_type_ratio(), n.latency(95),

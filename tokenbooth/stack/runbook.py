@@ -82,6 +82,17 @@ A batch job has not pushed its metrics for longer than expected.
 - The job's scheduler (cron, Airflow, Kubernetes CronJob): did it run, did it fail before its last push?
 - A job that was retired leaves its group behind: delete it in the Pushgateway UI or with
   `curl -X DELETE http://pushgateway:9091/metrics/job/JOB`.""",
+    "TokenboothLedgerBehind": """\
+The gateway queues ledger rows faster than it writes them; the queue is held in memory.
+- *Gateway internals* → ledger queue depth and rows per second; the gateway's log shows failing writes.
+- A database that is slow or down: check it (`tokenbooth doctor`). A gateway at its limit: add workers
+  (`--workers N`) or replicas; each process has its own writer.""",
+    "TokenboothLedgerRowsFailed": """\
+Call rows were not written to the ledger database after retries: at shutdown they go to the spill file
+(`tokenbooth-ledger-spill.jsonl` unless configured), one JSON row per line.
+- The gateway's log says why the database refused them, and where the rows went.
+- Fix the database, then load the spill file's rows into it; the metrics kept counting, so the ledger is the
+  only thing behind.""",
     "TokenboothCircuitOpen": """\
 The gateway stopped calling an upstream after repeated failures; calls fail fast or fall back.
 - *Gateway internals* → circuit state and fallbacks; the upstream's errors show in *Errors by type*.
