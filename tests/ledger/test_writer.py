@@ -186,3 +186,12 @@ def test_the_writer_thread_runs_below_the_request_path_and_leaves_the_caller_alo
     assert _nice(threading.get_native_id()) == mine
     assert _count(engine) == 2
     engine.dispose()
+
+
+def test_rows_go_in_few_statement_sizes_within_the_parameter_limit() -> None:
+    from tokenbooth.ledger.writer import _statement_sizes
+
+    assert _statement_sizes(500, 32766 // 29) == [256, 64, 64, 64, 16, 16, 16, 4]
+    old_sqlite = _statement_sizes(1000, 999 // 29)  # SQLite before 3.32: 999 parameters
+    assert sum(old_sqlite) == 1000 and set(old_sqlite) == {16, 4}
+    assert _statement_sizes(3, 0) == [1, 1, 1] and _statement_sizes(0, 100) == []
