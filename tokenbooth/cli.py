@@ -81,6 +81,13 @@ def _parser() -> _Parser:
     r.add_argument("--until", type=_date, help="first UTC day to leave out (YYYY-MM-DD)")
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
+    lg = sub.add_parser("ledger", help="ledger maintenance")
+    lverbs = lg.add_subparsers(dest="ledger_command", required=True, parser_class=_Parser)
+    rp = lverbs.add_parser("replay", help="load a spill file's rows into the ledger (rows it holds are skipped)")
+    rp.add_argument("file", type=Path, help="the spill file, e.g. tokenbooth-ledger-spill.jsonl")
+    rp.add_argument("--db", help="ledger database URL (default: the config's, or sqlite:///tokenbooth.db)")
+    rp.add_argument("--config", "-c", help="YAML config file, for its ledger URL")
+
     pr = sub.add_parser("prices", help="show the price that applies to a model and where it comes from")
     pr.add_argument("model")
     pr.add_argument("--provider", default="", help="provider, e.g. openai, anthropic, deepseek")
@@ -199,8 +206,8 @@ def _run_async(coro: Any) -> None:
         asyncio.run(coro)
 
 
-def _report(args: argparse.Namespace) -> None:
-    from tokenbooth.ledger.report import render, report
+def _existing_ledger(args: argparse.Namespace) -> Any:
+    """An engine for the ledger that ``--db`` or the config names, which must exist already."""
     from tokenbooth.ledger.schema import connect
 
     url = args.db or _settings(argparse.Namespace(config=args.config)).ledger.url
@@ -208,12 +215,30 @@ def _report(args: argparse.Namespace) -> None:
         path = Path(url.removeprefix("sqlite:///"))
         if not path.exists():
             raise ConfigError(f"No ledger at '{path}': run the gateway first, or pass --db URL.")
-    engine = connect(url, create=False)
+    return connect(url, create=False)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from tokenbooth.ledger.report import render, report
+
+    engine = _existing_ledger(args)
     try:
         rows = report(engine, args.by, args.since, args.until)
     finally:
         engine.dispose()
     sys.stdout.write(render(rows, args.format, args.by))
+
+
+def _ledger(args: argparse.Namespace) -> None:
+    from tokenbooth.ledger.replay import replay
+
+    engine = _existing_ledger(args)
+    try:
+        result = replay(engine, args.file)
+    finally:
+        engine.dispose()
+    print(f"{result.inserted} rows inserted, {result.skipped} already in the ledger; "
+          f"'{args.file}' can be deleted once you no longer need it")
 
 
 def _prices(args: argparse.Namespace) -> None:
@@ -285,8 +310,8 @@ def _stack(args: argparse.Namespace) -> None:
         print("stopped", flush=True)
 
 
-_COMMANDS = {"serve": _serve, "simulate": _simulate, "demo": _demo, "report": _report, "prices": _prices,
-             "stack": _stack}
+_COMMANDS = {"serve": _serve, "simulate": _simulate, "demo": _demo, "report": _report, "ledger": _ledger,
+             "prices": _prices, "stack": _stack}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

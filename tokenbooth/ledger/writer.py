@@ -254,16 +254,18 @@ class LedgerWriter:
 
     def _spill(self, batch: list[Record], reason: str) -> None:
         try:
-            with self.spill_path.open("ab") as f:
-                for rec in batch:
-                    row = row_from_record(rec) if isinstance(rec, CallRecord) else \
-                        {"table": "tokenbooth_sessions", **session_row(rec)}
-                    f.write(orjson.dumps(row, default=str) + b"\n")
+            data = b"".join(orjson.dumps(row_from_record(rec) if isinstance(rec, CallRecord) else
+                                         {"table": "tokenbooth_sessions", **session_row(rec)}, default=str) + b"\n"
+                            for rec in batch)
+            # one unbuffered append: workers that spill at the same time do not interleave lines
+            with self.spill_path.open("ab", buffering=0) as f:
+                f.write(data)
         except (OSError, TypeError, ValueError) as exc:
             log.error("ledger: %d rows LOST: database failed (%s) and spill file %s failed (%s)",
                       len(batch), reason, self.spill_path, exc)
         else:
-            log.error("ledger: database failed (%s); %d rows written to %s for replay",
+            log.error("ledger: database failed (%s); %d rows written to %s: load them with "
+                      "'tokenbooth ledger replay FILE' once the database is back",
                       reason, len(batch), self.spill_path)
         self._failed.inc(len(batch))
         self.rows_spilled += len(batch)

@@ -91,8 +91,8 @@ The gateway queues ledger rows faster than it writes them; the queue is held in 
 Call rows were not written to the ledger database after retries: at shutdown they go to the spill file
 (`tokenbooth-ledger-spill.jsonl` unless configured), one JSON row per line.
 - The gateway's log says why the database refused them, and where the rows went.
-- Fix the database, then load the spill file's rows into it; the metrics kept counting, so the ledger is the
-  only thing behind.""",
+- Fix the database, then `tokenbooth ledger replay tokenbooth-ledger-spill.jsonl`; rows already in the
+  ledger are skipped. The metrics kept counting, so the ledger is the only thing behind.""",
     "TokenboothCircuitOpen": """\
 The gateway stopped calling an upstream after repeated failures; calls fail fast or fall back.
 - *Gateway internals* → circuit state and fallbacks; the upstream's errors show in *Errors by type*.
