@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tokenbooth.config import load_settings
 from tokenbooth.errors import ConfigError
@@ -100,3 +101,14 @@ def test_missing_or_broken_file(tmp_path: Path) -> None:
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_settings(bad, environ={})
+
+
+@pytest.mark.parametrize("url", ["ftp://oapi.dingtalk.com/robot/send?access_token=SECRET",
+                                 "https://oapi.dingtalk.com:99999/robot/send?access_token=SECRET",
+                                 "https:///services/T0/B0/SECRET"])
+def test_a_bad_robot_url_is_refused_without_showing_its_token(tmp_path: Path, url: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"notify": {"slack": {"url": url}}}))
+    with pytest.raises(ConfigError, match=r"Config 'notify\.slack\.url' has a value that is not usable") as caught:
+        load_settings(str(config), {})
+    assert "SECRET" not in caught.value.message

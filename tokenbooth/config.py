@@ -73,16 +73,22 @@ class RouteTarget(_Model):
     model: str | None = None  # None: the model the client asked for
 
 
+_QUERY_VALUE = re.compile(r"([?&][^=&#]*=)[^&#]*")
 _CREDENTIALS = re.compile(r"(?<=://)([^/@\s]*?):[^@\s]*@")
 
 
 def _masked(value: Any) -> Any:
-    """A config value fit for an error message: a URL's password shows as ``***``.
+    """A config value fit for an error message: a URL's password and its query's values (a chat
+    robot's access token) show as ``***``.
 
     >>> _masked("http://user:s3cret@proxy:3128"), _masked(8080)
     ('http://user:***@proxy:3128', 8080)
+    >>> _masked("ftp://oapi.dingtalk.com/robot/send?access_token=abc123&x=1")
+    'ftp://oapi.dingtalk.com/robot/send?access_token=***&x=***'
     """
-    return _CREDENTIALS.sub(r"\1:***@", value) if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    return _QUERY_VALUE.sub(r"\1***", _CREDENTIALS.sub(r"\1:***@", value))
 
 
 _PROXY_FORM = ("an http:// proxy URL such as http://user:password@proxy.internal:3128 (with '/', '?', '#' and "
@@ -237,6 +243,13 @@ class RobotConfig(_Model):
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018  # raises on a port that is not a number
+        except ValueError:
+            raise ValueError("is not a valid URL (check the host and port)") from None
+        if not parts.hostname:
+            raise ValueError("has no host")
         return v
 
     def secret(self) -> str | None:
@@ -401,6 +414,9 @@ def _describe(errors: ValidationError, data: Mapping[str, Any]) -> str:
             parts.append(f"Config key '{key}' is not a known setting.")
         elif err["type"] == "missing":
             parts.append(f"Config key '{key}' is required.")
+        elif value is not None and key.startswith("notify.") and key.endswith(".url"):
+            # a robot's URL is its secret (DingTalk's access_token, Slack's /services/... path)
+            parts.append(f"Config '{key}' has a value that is not usable: {err['msg']}.")
         elif value is not None and not isinstance(value, Mapping | list):
             parts.append(f"Config '{key}' has value {_masked(value)!r}: {err['msg']}.")
         else:

@@ -261,3 +261,13 @@ def test_robots_honour_the_environment_proxy_and_no_proxy(monkeypatch: pytest.Mo
     with pytest.raises(ConfigError, match=r"notify\.dingtalk: the environment.s proxy") as caught:
         Notifier(config)
     assert "secret" not in str(caught.value) and TOKEN not in str(caught.value)
+
+
+def test_posts_to_a_robot_reuse_one_keep_alive_connection(gateway_for: Callable[..., GatewayHandle],
+                                                           robots: Robots) -> None:
+    gw = gateway_for()
+    for _ in range(3):
+        assert httpx.post(f"{gw.base}/alertmanager/webhook/slack", json=payload()).status_code == 200
+    pool = gw.gateway.notifier._pools["slack"]
+    assert len(robots.received["slack"]) == 3
+    assert len(pool.idle) == 1 and not pool.idle[0].closed

@@ -231,11 +231,16 @@ class Notifier:
         url, message = self.request(kind, parse_payload(body))
         name = f"{kind} robot"
         target = urllib.parse.urlsplit(url)
-        path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+        path = urllib.parse.quote(target.path or "/", safe=_PATH_SAFE)
+        if target.query:
+            path += "?" + urllib.parse.quote(target.query, safe=_QUERY_SAFE)
         try:
-            resp = await self._pools[kind].request(path.encode(), orjson.dumps(message),
+            resp = await self._pools[kind].request(path.encode("ascii"), orjson.dumps(message),
                                                    [(b"content-type", b"application/json")])
-            reply = await resp.read()
+            try:
+                reply = await resp.read()
+            finally:
+                resp.release()  # back to the pool when the answer was whole, closed otherwise
         except (UpstreamReadTimeout, UpstreamConnectTimeout) as exc:
             raise UpstreamReadTimeout(f"The {name} did not answer within {self.config.timeout:g} s.", name) from exc
         except UpstreamConnectError as exc:
@@ -243,6 +248,10 @@ class Notifier:
             raise UpstreamConnectError(f"The {name} is unreachable ({reason}).", name) from exc
         _check_reply(name, kind, resp.status, reply)
         return orjson.dumps({"status": "sent", "robot": kind})
+
+
+_PATH_SAFE = "/%:@!$&'()*+,;="  # what a robot URL's path may hold as is; the rest is percent-encoded
+_QUERY_SAFE = _PATH_SAFE + "?"
 
 
 def _origin(url: str) -> str:
