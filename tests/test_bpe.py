@@ -18,6 +18,7 @@ ALPHABET = [
     *"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789",
     *" \t\n\r\x0b\x0c", *"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~",
     "\x00", "\x1c", "\x1f", "\x7f", "\x85", "\xa0", "\u2028", "\u3000", "\u200b", "\ufeff",
+    "\ud800", "\udfff",  # lone surrogates: tiktoken and bpe-openai count U+FFFD
     "'s", "'S", "'t", "'re", "'RE", "'ve", "'m", "'ll", "'Ll", "'d", "'\u017f",  # suffixes, long s
     "é", "ß", "Ω", "ж", "Ж", "ǅ", "ʰ", "\u0301", "\u0903", "\u20dd",  # Ll, Lu, Lt, Lm, Mn, Mc, Me
     "你", "好", "世", "界", "。", "，", "日", "本", "語", "の", "한", "국", "א", "ب", "ก", "ำ",
@@ -37,6 +38,7 @@ SAMPLES = [
     "a" * 3000,
     "字节对编码" * 400,
     "".join(chr(c) for c in range(32, 0x250)),
+    "a\udc00b \ud83d alone",
 ]
 
 

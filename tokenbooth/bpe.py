@@ -30,10 +30,10 @@ import gzip
 import heapq
 import importlib.util
 import re
+import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import regex
@@ -144,6 +144,9 @@ def _tokens_in_rank_order(lines: Iterable[bytes], path: Path) -> Iterator[bytes]
         yield base64.b64decode(token)
 
 
+_CACHED_PIECE = 64  # longer pieces (long words, runs of CJK) are counted, not kept: they rarely repeat
+
+
 class _PieceCounts(dict[str, int]):
     """Token counts by piece; a missing piece is counted and remembered. When full, the cache
     starts over: cheaper than LRU bookkeeping, and the pieces that matter come straight back."""
@@ -154,10 +157,15 @@ class _PieceCounts(dict[str, int]):
         self._limit = limit
 
     def __missing__(self, piece: str) -> int:
-        n = self._count(piece.encode("utf-8", "surrogatepass"))
-        if len(self) >= self._limit:
-            self.clear()
-        self[piece] = n
+        try:
+            data = piece.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate counts as U+FFFD, as tiktoken counts it
+            data = piece.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+        n = self._count(data)
+        if len(piece) <= _CACHED_PIECE:
+            if len(self) >= self._limit:
+                self.clear()
+            self[piece] = n
         return n
 
 
@@ -227,7 +235,17 @@ def vocabulary_file(name: str) -> Path:
         "reinstall with 'pip install --force-reinstall bpe-openai', or set tokens.tokenizer: heuristic")
 
 
-@cache
+_loading = threading.Lock()
+_counters: dict[str, BpeCounter] = {}
+
+
 def counter(name: str) -> BpeCounter:
-    """The counter for ``o200k_base`` or ``cl100k_base``, loaded once (~0.2 s, ~4 MB)."""
-    return BpeCounter(ENCODINGS[name], Vocabulary.load(vocabulary_file(name)))
+    """The counter for ``o200k_base`` or ``cl100k_base``, loaded once per process (~0.2 s, ~4 MB),
+    even when several threads ask for it at the same time."""
+    found = _counters.get(name)
+    if found is None:
+        with _loading:
+            found = _counters.get(name)
+            if found is None:
+                found = _counters[name] = BpeCounter(ENCODINGS[name], Vocabulary.load(vocabulary_file(name)))
+    return found
