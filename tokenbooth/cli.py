@@ -237,8 +237,8 @@ def _ledger(args: argparse.Namespace) -> None:
         result = replay(engine, args.file)
     finally:
         engine.dispose()
-    print(f"{result.inserted} rows inserted, {result.skipped} already in the ledger; "
-          f"'{args.file}' can be deleted once you no longer need it")
+    print(f"{result.inserted} rows inserted, {result.skipped} already in the ledger; '{args.file}' is left "
+          "as it was: remove it once no gateway writes to it any more (a replay again skips what it holds)")
 
 
 def _prices(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ code for the CLI, and an ``error_type`` for metrics and the ledger.
     TokenboothError
     ├── ConfigError                 bad configuration; exit code 2
     ├── UsageError                  bad CLI usage; exit code 2
+    ├── LedgerError                 the ledger database refused a command's work; exit code 1
     ├── RequestError                a client sent something we cannot serve
     │   ├── InvalidRequest          400  invalid JSON, missing or mistyped fields
     │   ├── NotFound                404  unknown route
@@ -35,6 +36,7 @@ __all__ = [
     "ConfigError",
     "ErrorType",
     "InvalidRequest",
+    "LedgerError",
     "MethodNotAllowed",
     "ModelNotFound",
     "NotFound",
@@ -128,6 +130,12 @@ class UsageError(TokenboothError):
     """The command line was used wrongly."""
 
     exit_code = 2
+
+
+class LedgerError(TokenboothError):
+    """The ledger database refused what a command asked of it (e.g. a replay)."""
+
+    exit_code = 1
 
 
 class RequestError(TokenboothError):

@@ -116,3 +116,25 @@ def test_the_cli_replays_and_says_what_it_did(tmp_path: Path, capsys: pytest.Cap
     assert err.startswith("tokenbooth: error: Cannot read the spill file") and err.count("\n") == 1
     assert main(["ledger", "replay", str(spill), "--db", f"sqlite:///{tmp_path / 'none.db'}"]) != 0
     assert "No ledger at" in capsys.readouterr().err
+
+
+def test_calls_that_reuse_a_request_id_are_all_kept(tmp_path: Path) -> None:
+    import dataclasses
+
+    first = dataclasses.replace(record(1), request_id="client-retry-1")
+    second = dataclasses.replace(record(2), request_id="client-retry-1", started_at=first.started_at + 1.5)
+    spill = _spill(tmp_path, [first, second])
+    engine = connect(f"sqlite:///{tmp_path / 'ledger.db'}")
+    assert replay(engine, spill).inserted == 2
+    assert replay(engine, spill).skipped == 2
+
+
+def test_a_database_that_refuses_gives_one_line_and_writes_nothing(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    spill = _spill(tmp_path, [record(1)])
+    empty = tmp_path / "empty.db"
+    empty.touch()  # a file, but no tables: a rebuilt database that was never migrated
+    assert main(["ledger", "replay", str(spill), "--db", f"sqlite:///{empty}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tokenbooth: error: The ledger refused the replay, so nothing was written: no such table")
+    assert err.count("\n") == 1

@@ -195,3 +195,39 @@ def test_rows_go_in_few_statement_sizes_within_the_parameter_limit() -> None:
     old_sqlite = _statement_sizes(1000, 999 // 29)  # SQLite before 3.32: 999 parameters
     assert sum(old_sqlite) == 1000 and set(old_sqlite) == {16, 4}
     assert _statement_sizes(3, 0) == [1, 1, 1] and _statement_sizes(0, 100) == []
+
+
+def test_a_row_the_database_refuses_is_spilled_and_the_others_written(ledger_url: str, tmp_path: Path) -> None:
+    import dataclasses
+
+    engine = connect(ledger_url)
+    registry = CollectorRegistry()
+    spill = tmp_path / "spill.jsonl"
+    writer = LedgerWriter(engine, Metrics(registry), batch_size=8, flush_interval=0.01, spill_path=spill)
+    writer.start()
+    bad = dataclasses.replace(record(7), model=None)  # type: ignore[arg-type]  # NOT NULL refuses it
+    for i in range(20):
+        writer.submit(bad if i == 7 else record(i))
+    assert writer.flush(10), "a refused row must not hold up the ledger"
+    writer.close()
+    assert _count(engine) == 19
+    lines = spill.read_bytes().splitlines()
+    assert len(lines) == 1 and orjson.loads(lines[0])["request_id"] == bad.request_id
+    assert registry.get_sample_value("tokenbooth_ledger_rows_total", {"result": "written"}) == 19
+    assert registry.get_sample_value("tokenbooth_ledger_rows_total", {"result": "failed"}) == 1
+    engine.dispose()
+
+
+def test_client_strings_fit_their_columns(ledger_url: str) -> None:
+    import dataclasses
+
+    engine = connect(ledger_url)
+    writer = LedgerWriter(engine, Metrics(CollectorRegistry()))
+    long = dataclasses.replace(record(), model="gpt-" + "x" * 300 + "\x00", request_id="r" * 100, tenant="t\x00")
+    writer.submit(long)
+    writer.close()
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(calls.c.model, calls.c.request_id, calls.c.tenant)).one()
+    assert row.model == ("gpt-" + "x" * 300)[:256] and row.request_id == "r" * 64 and row.tenant == "t"
+    assert writer.rows_spilled == 0
+    engine.dispose()

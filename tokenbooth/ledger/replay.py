@@ -7,8 +7,9 @@ database is back, ``tokenbooth ledger replay FILE`` loads them:
 
 - every line is checked before anything is written, and the rows go in one transaction, so a
   bad file changes nothing;
-- rows already in the ledger are skipped (a call by its ``request_id``, a session roll-up by
-  its ``session_id``), so running a replay twice, or after an interrupted one, adds nothing.
+- rows already in the ledger are skipped (a call by its ``request_id`` and start, a session
+  roll-up by its ``session_id``, agent and start: clients may reuse ids), so running a replay
+  twice, or after an interrupted one, adds nothing.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Boolean, Column, DateTime, Engine, Float, Integer, Table, select
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from tokenbooth.errors import UsageError
+from tokenbooth.errors import LedgerError, UsageError
 from tokenbooth.ledger.schema import Money, calls, sessions
 
 __all__ = ["ReplayResult", "replay"]
 
-_TABLES = {calls.name: (calls, "request_id"), sessions.name: (sessions, "session_id")}
+# the columns that tell one row from another, the first of them indexed
+_TABLES = {calls.name: (calls, ("request_id", "started_at")),
+           sessions.name: (sessions, ("session_id", "agent", "started_at"))}
 
 
 @dataclass(frozen=True)
@@ -51,22 +55,29 @@ def replay(engine: Engine, path: Path) -> ReplayResult:
             table, row = _parse(line, f"{path}:{number}")
             rows[table.name].append(row)
     inserted = skipped = 0
-    with engine.begin() as conn:
-        for name, batch in rows.items():
-            table, key = _TABLES[name]
-            seen: set[str] = set()
-            wanted = sorted({row[key] for row in batch})
-            for at in range(0, len(wanted), 500):
-                seen.update(conn.execute(select(table.c[key]).where(table.c[key].in_(wanted[at:at + 500]))).scalars())
-            new = []
-            for row in batch:
-                if row[key] not in seen:
-                    seen.add(row[key])
-                    new.append(row)
-            if new:
-                conn.execute(table.insert(), new)
-            inserted += len(new)
-            skipped += len(batch) - len(new)
+    try:
+        with engine.begin() as conn:
+            for name, batch in rows.items():
+                table, key = _TABLES[name]
+                columns = [table.c[k] for k in key]
+                seen: set[tuple[Any, ...]] = set()
+                ids = sorted({row[key[0]] for row in batch})
+                for at in range(0, len(ids), 500):
+                    found = conn.execute(select(*columns).where(columns[0].in_(ids[at:at + 500])))
+                    seen.update(tuple(r) for r in found)
+                new = []
+                for row in batch:
+                    identity = tuple(row[k] for k in key)
+                    if identity not in seen:
+                        seen.add(identity)
+                        new.append(row)
+                if new:
+                    conn.execute(table.insert(), new)
+                inserted += len(new)
+                skipped += len(batch) - len(new)
+    except SQLAlchemyError as exc:
+        reason = str(exc.orig if isinstance(exc, DBAPIError) else exc).strip().splitlines()[0][:200]
+        raise LedgerError(f"The ledger refused the replay, so nothing was written: {reason}") from None
     return ReplayResult(inserted, skipped)
 
 

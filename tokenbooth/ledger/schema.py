@@ -187,8 +187,8 @@ def _money(amount: Decimal | None, sqlite: bool) -> Any:
 
 def session_values(rec: SessionRecord, sqlite: bool) -> tuple[Any, ...]:
     """A session roll-up as a tuple in ``insert_sql(dialect, sessions)`` order."""
-    return (rec.session_id, rec.agent, _when(rec.started_at, sqlite), rec.duration_s, rec.outcome, rec.steps,
-            rec.tool_calls, rec.tool_errors, rec.llm_calls, rec.input_tokens, rec.output_tokens,
+    return (_fit(rec.session_id, 128), _fit(rec.agent, 128), _when(rec.started_at, sqlite), rec.duration_s,
+            rec.outcome, rec.steps, rec.tool_calls, rec.tool_errors, rec.llm_calls, rec.input_tokens, rec.output_tokens,
             _money(rec.cost_usd, sqlite), rec.unpriced_calls)
 
 
@@ -212,12 +212,21 @@ def row_values(rec: CallRecord, sqlite: bool) -> tuple[Any, ...]:
     else:
         streamed, estimated, mismatch = rec.streamed, u.estimated, rec.tokens_mismatch
     return (
-        rec.request_id, when, rec.provider, rec.upstream, rec.model, rec.served_model, rec.operation.value,
-        streamed, rec.outcome.value, rec.error_type.value, rec.http_status, u.input, u.output,
-        u.cached_input, u.cache_write, u.reasoning, estimated, mismatch, amount, cost.currency if cost else None, usd,
-        cost.source if cost else None, rec.duration_s, rec.ttft_s, rec.attempts, rec.fallback_path,
-        rec.session_id, rec.tenant, rec.key_id,
+        _fit(rec.request_id, 64), when, _fit(rec.provider, 64), _fit(rec.upstream, 128), _fit(rec.model, 256),
+        _fit(rec.served_model, 256), rec.operation.value, streamed, rec.outcome.value, rec.error_type.value,
+        rec.http_status, u.input, u.output, u.cached_input, u.cache_write, u.reasoning, estimated, mismatch, amount,
+        cost.currency if cost else None, usd, cost.source if cost else None, rec.duration_s, rec.ttft_s,
+        rec.attempts, _fit(rec.fallback_path, 512), _fit(rec.session_id, 128), _fit(rec.tenant, 128),
+        _fit(rec.key_id, 64),
     )
+
+
+def _fit(value: str | None, limit: int) -> str | None:
+    """A string as its column holds it: at most ``limit`` characters and no NUL. Model names and
+    request ids come from clients, and PostgreSQL refuses a longer value or a NUL."""
+    if value is None or (len(value) <= limit and "\x00" not in value):
+        return value
+    return value.replace("\x00", "")[:limit]
 
 
 def row_from_record(rec: CallRecord) -> dict[str, Any]:

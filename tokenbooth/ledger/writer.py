@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Engine
+from sqlalchemy.exc import DataError, IntegrityError
 
 from tokenbooth.catalog import Metrics
 from tokenbooth.ledger.journal import Journal
@@ -60,6 +61,10 @@ def _yield_to_the_request_path() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + _WRITER_NICE, 19))
     except OSError as exc:  # a sandbox may forbid it; the writer works all the same
         log.debug("ledger writer keeps its priority: %s", exc)
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 def _statement_sizes(rows: int, most: int) -> list[int]:
@@ -211,46 +216,63 @@ class LedgerWriter:
                rows: list[tuple[str, tuple[Any, ...]]] | None = None) -> None:
         if rows is None:
             rows = [self._convert(rec) for rec in batch]
-        delay = 0.05
         attempt = 0
         done = 0
+        one_by_one_until = 0  # rows of a batch the database refused for its data go one at a time
         while done < len(batch):
             attempt += 1
-            chunk = rows[done:done + self.batch_size]
-            by_table: dict[str, list[tuple[Any, ...]]] = {}
-            for sql, values in chunk:
-                by_table.setdefault(sql, []).append(values)
+            chunk = rows[done:done + (1 if done < one_by_one_until else self.batch_size)]
             try:
-                with self.engine.begin() as conn:
-                    for sql, values_list in by_table.items():
-                        # Many rows per statement, not executemany: the driver releases the GIL
-                        # around every statement it runs, and with the event loop busy on another
-                        # core, each release costs the writer a switch interval to get it back
-                        # (executemany fell to ~6k rows/s against a busy thread; this keeps ~140k).
-                        at = 0
-                        for size in _statement_sizes(len(values_list), self._max_params // len(values_list[0])):
-                            part = values_list[at:at + size]
-                            at += size
-                            conn.exec_driver_sql(_many_rows(sql, size), tuple(v for values in part for v in values))
-            except Exception as exc:  # a database error, or a row the driver refused
-                reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"
-                if final or self._closing.is_set():
-                    if attempt < 3:
-                        time.sleep(delay)
-                        delay *= 4
-                        continue
-                    self._spill(batch[done:], reason)
-                    return
-                log.warning("ledger write of %d rows failed (attempt %d), retrying: %s",
-                            len(chunk), attempt, reason)
-                time.sleep(delay)
-                delay = min(delay * 2, self.max_retry_delay)
+                self._insert(chunk)
+            except (DataError, IntegrityError) as exc:  # a row the database refuses, not an outage
+                reason = _reason(exc)
+                if len(chunk) > 1:
+                    log.warning("ledger refused a batch (%s); writing its %d rows one by one", reason, len(chunk))
+                    one_by_one_until = done + len(chunk)
+                else:  # this is the row: keep it in the spill file and go on with the others
+                    self._spill(batch[done:done + 1], reason)
+                    done += 1
+                attempt = 0
                 continue
+            except Exception as exc:  # the database is down, locked, or gone
+                if self._retry_or_spill(batch[done:], attempt, final, _reason(exc)):
+                    continue
+                return
             done += len(chunk)
+            attempt = 0
             self._written.inc(len(chunk))
             self.rows_written += len(chunk)
             if self.journal is not None:
                 self.journal.add_written(len(chunk))
+
+    def _retry_or_spill(self, rest: list[Record], attempt: int, final: bool, reason: str) -> bool:
+        """After a failed write: wait and say True (try again), or spill ``rest`` when closing
+        and it failed three times, and say False."""
+        if final or self._closing.is_set():
+            if attempt < 3:
+                time.sleep(0.05 * 4 ** (attempt - 1))
+                return True
+            self._spill(rest, reason)
+            return False
+        log.warning("ledger write of %d rows failed (attempt %d), retrying: %s", len(rest), attempt, reason)
+        time.sleep(min(0.05 * 2 ** (attempt - 1), self.max_retry_delay))
+        return True
+
+    def _insert(self, chunk: list[tuple[str, tuple[Any, ...]]]) -> None:
+        by_table: dict[str, list[tuple[Any, ...]]] = {}
+        for sql, values in chunk:
+            by_table.setdefault(sql, []).append(values)
+        with self.engine.begin() as conn:
+            for sql, values_list in by_table.items():
+                # Many rows per statement, not executemany: the driver releases the GIL around
+                # every statement it runs, and with the event loop busy on another core, each
+                # release costs the writer a switch interval to get it back (executemany fell to
+                # ~6k rows/s against a busy thread; this keeps ~140k).
+                at = 0
+                for size in _statement_sizes(len(values_list), self._max_params // len(values_list[0])):
+                    part = values_list[at:at + size]
+                    at += size
+                    conn.exec_driver_sql(_many_rows(sql, size), tuple(v for values in part for v in values))
 
     def _spill(self, batch: list[Record], reason: str) -> None:
         try:
@@ -259,7 +281,12 @@ class LedgerWriter:
                             for rec in batch)
             # one unbuffered append: workers that spill at the same time do not interleave lines
             with self.spill_path.open("ab", buffering=0) as f:
-                f.write(data)
+                view = memoryview(data)
+                while view:  # a short write (a full disk) must not leave half a line behind
+                    n = f.write(view)
+                    if not n:
+                        raise OSError("the spill file took no more bytes")
+                    view = view[n:]
         except (OSError, TypeError, ValueError) as exc:
             log.error("ledger: %d rows LOST: database failed (%s) and spill file %s failed (%s)",
                       len(batch), reason, self.spill_path, exc)
