@@ -231,3 +231,10 @@ def test_client_strings_fit_their_columns(ledger_url: str) -> None:
     assert row.model == ("gpt-" + "x" * 300)[:256] and row.request_id == "r" * 64 and row.tenant == "t"
     assert writer.rows_spilled == 0
     engine.dispose()
+
+
+def test_postgresql_connections_do_not_prepare_the_many_row_inserts(pg_url: str) -> None:
+    engine = connect(pg_url)
+    with engine.connect() as conn:
+        assert conn.connection.driver_connection.prepare_threshold is None  # type: ignore[union-attr]
+    engine.dispose()

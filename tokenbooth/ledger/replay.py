@@ -88,7 +88,10 @@ def _parse(line: bytes, where: str) -> tuple[Table, dict[str, Any]]:
         raise UsageError(f"{where}: not a JSON line; is this a tokenbooth spill file?") from None
     if not isinstance(data, dict):
         raise UsageError(f"{where}: not a JSON object; is this a tokenbooth spill file?")
-    table = sessions if data.pop("table", calls.name) == sessions.name else calls
+    name = data.pop("table", calls.name)
+    if name not in _TABLES:
+        raise UsageError(f"{where}: unknown table {name!r}")
+    table = _TABLES[name][0]
     row: dict[str, Any] = {}
     for column in table.columns:
         if column.name == "id":

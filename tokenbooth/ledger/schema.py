@@ -258,8 +258,11 @@ def connect(url: str, *, create: bool = True) -> Engine:
     if url.startswith(("postgres://", "postgresql://")):
         # psycopg 3 is the driver we ship with; SQLAlchemy's default would be psycopg2.
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    # psycopg prepares a statement after 5 uses and keys its cache on the query and its
+    # parameters' types; the writer's many-row INSERTs would fill it with megabyte-sized keys.
+    connect_args = {"prepare_threshold": None} if url.startswith("postgresql+psycopg://") else {}
     try:
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     except (ArgumentError, ImportError, SQLAlchemyError) as exc:
         raise ConfigError(f"Ledger URL '{safe_url(url)}' cannot be used: {exc}") from None
     if engine.dialect.name == "sqlite":
