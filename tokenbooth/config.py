@@ -184,6 +184,9 @@ class LedgerConfig(_Model):
     url: str = "sqlite:///tokenbooth.db"
     batch_size: int = Field(500, ge=1, le=100_000)
     flush_interval: float = Field(0.2, gt=0, le=60)  # seconds
+    # Rows waiting in memory while the database fails; past it, failing batches go to the
+    # spill file (~1 KB of memory per queued row).
+    max_queue: int = Field(50_000, ge=1)
     enabled: bool = True
     # Where writers keep the counters that tell, after a crash, how many rows may be missing.
     # Default: beside an SQLite file ("<file>.journal"), else ".tokenbooth-journal" in the

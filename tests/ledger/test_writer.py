@@ -238,3 +238,28 @@ def test_postgresql_connections_do_not_prepare_the_many_row_inserts(pg_url: str)
     with engine.connect() as conn:
         assert conn.connection.driver_connection.prepare_threshold is None  # type: ignore[union-attr]
     engine.dispose()
+
+
+def test_during_an_outage_rows_beyond_max_queue_wait_on_disk(tmp_path: Path) -> None:
+    engine = connect(f"sqlite:///{tmp_path / 'l.db'}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE tokenbooth_calls RENAME TO parked"))
+    registry = CollectorRegistry()
+    spill = tmp_path / "spill.jsonl"
+    writer = LedgerWriter(engine, Metrics(registry), batch_size=10, flush_interval=0.01, max_retry_delay=0.05,
+                          spill_path=spill, max_queue=50)
+    for i in range(500):
+        writer.submit(record(i))
+    writer.start()
+    deadline = time.monotonic() + 10
+    while writer._queue.qsize() >= 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer._queue.qsize() < 50, "the queue stays bounded while the database is down"
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE parked RENAME TO tokenbooth_calls"))
+    assert writer.flush(10)
+    writer.close()
+    spilled = len(spill.read_bytes().splitlines())
+    assert spilled >= 500 - 50 - 40  # all but what waits in the queue and the batch in hand (4 × batch_size)
+    assert _count(engine) == 500 - spilled == writer.rows_written
+    assert registry.get_sample_value("tokenbooth_ledger_rows_total", {"result": "failed"}) == spilled

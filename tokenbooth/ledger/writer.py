@@ -1,10 +1,12 @@
 """The batched ledger writer: rows leave the request path through a queue.
 
 A background thread takes records from the queue and writes them in batches, every
-``batch_size`` rows or ``flush_interval`` seconds, whichever comes first. A batch the
-database refuses is retried with backoff; on close, a batch that still cannot be
-written is appended to a JSON-lines spill file rather than dropped, and counted as
-``tokenbooth_ledger_rows_total{result="failed"}``.
+``batch_size`` rows or ``flush_interval`` seconds, whichever comes first. When the database
+fails, a batch is retried with backoff. Rows go to a JSON-lines spill file instead, counted
+as ``tokenbooth_ledger_rows_total{result="failed"}`` and loaded back later with
+``tokenbooth ledger replay``, in three cases: a batch still failing at close; a row the database
+refuses for its data (found by writing its batch row by row); and, during an outage, every
+batch that fails while ``max_queue`` rows wait behind it, so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -115,12 +117,13 @@ class LedgerWriter:
 
     def __init__(self, engine: Engine, metrics: Metrics, *, batch_size: int = 500,
                  flush_interval: float = 0.2, spill_path: str | Path | None = None,
-                 max_retry_delay: float = 5.0, journal: Journal | None = None) -> None:
+                 max_retry_delay: float = 5.0, journal: Journal | None = None, max_queue: int = 50_000) -> None:
         self.engine = engine
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.spill_path = Path(spill_path) if spill_path else Path("tokenbooth-ledger-spill.jsonl")
         self.max_retry_delay = max_retry_delay
+        self.max_queue = max_queue
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="tokenbooth-ledger", daemon=True)
         self._closing = threading.Event()
@@ -235,6 +238,10 @@ class LedgerWriter:
                 attempt = 0
                 continue
             except Exception as exc:  # the database is down, locked, or gone
+                if not final and self._queue.qsize() >= self.max_queue:
+                    # a long outage: rows wait on disk for a replay, not in memory without bound
+                    self._spill(batch[done:], f"{_reason(exc)}; {self._queue.qsize()} more rows queued")
+                    return
                 if self._retry_or_spill(batch[done:], attempt, final, _reason(exc)):
                     continue
                 return
