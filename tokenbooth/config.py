@@ -187,6 +187,8 @@ class LedgerConfig(_Model):
     # Rows waiting in memory while the database fails; past it, failing batches go to the
     # spill file (~1 KB of memory per queued row).
     max_queue: int = Field(50_000, ge=1)
+    # Where rows the database cannot take are kept for `tokenbooth ledger replay`.
+    spill_path: Path = Path("tokenbooth-ledger-spill.jsonl")
     enabled: bool = True
     # Where writers keep the counters that tell, after a crash, how many rows may be missing.
     # Default: beside an SQLite file ("<file>.journal"), else ".tokenbooth-journal" in the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -288,3 +289,14 @@ def test_a_session_header_attributes_the_call_to_an_agent_session(gateway: Gatew
                                        extra_headers=session.headers)
     (row,) = gateway.rows()
     assert row.session_id == session.session_id
+
+
+def test_the_ledger_settings_reach_the_writer(make_gateway: Callable[..., GatewayHandle], sim: SimHandle,
+                                              tmp_path: Path) -> None:
+    spill = tmp_path / "spills" / "rows.jsonl"
+    gw = make_gateway([{"name": "default", "base_url": sim.url}],
+                      ledger={"url": f"sqlite:///{tmp_path / 'l.db'}", "spill_path": str(spill), "max_queue": 123,
+                              "batch_size": 7})
+    writer = gw.gateway.ledger
+    assert writer is not None
+    assert (writer.spill_path, writer.max_queue, writer.batch_size) == (spill, 123, 7)

@@ -97,7 +97,7 @@ def test_no_prompt_or_completion_column() -> None:
 def test_a_database_that_fails_on_close_spills_rows_to_a_file(tmp_path: Path) -> None:
     engine = connect(f"sqlite:///{tmp_path / 'l.db'}")
     registry = CollectorRegistry()
-    spill = tmp_path / "spill.jsonl"
+    spill = tmp_path / "not-yet" / "spill.jsonl"  # its folder is made when needed
     writer = LedgerWriter(engine, Metrics(registry), batch_size=10, flush_interval=60, spill_path=spill)
     writer.start()
     with engine.begin() as conn:

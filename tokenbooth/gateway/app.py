@@ -224,6 +224,7 @@ def build_gateway(settings: Settings, registry: CollectorRegistry | None = None)
     if settings.ledger.enabled:
         ledger = LedgerWriter(connect(settings.ledger.url), metrics, batch_size=settings.ledger.batch_size,
                               flush_interval=settings.ledger.flush_interval, max_queue=settings.ledger.max_queue,
+                              spill_path=settings.ledger.spill_path,
                               journal=Journal(settings.ledger.journal_path()))
     meter = Meter(metrics, ModelLabels(known), ledger)
     estimator = TokenEstimator(use_bpe=settings.tokens.tokenizer == "bpe")

@@ -287,6 +287,7 @@ class LedgerWriter:
                                          {"table": "tokenbooth_sessions", **session_row(rec)}, default=str) + b"\n"
                             for rec in batch)
             # one unbuffered append: workers that spill at the same time do not interleave lines
+            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
             with self.spill_path.open("ab", buffering=0) as f:
                 view = memoryview(data)
                 while view:  # a short write (a full disk) must not leave half a line behind
