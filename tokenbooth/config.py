@@ -224,7 +224,7 @@ class PricingConfig(_Model):
 class TokensConfig(_Model):
     """Local token estimates and their reconciliation with reported usage."""
 
-    # "bpe": exact counts for OpenAI model families (~66 MB for o200k_base, ~30 MB for cl100k_base);
+    # "bpe": exact counts for OpenAI model families (o200k_base and cl100k_base, ~7 MB together);
     # "heuristic": the CJK-aware estimate for every model, no vocabularies loaded.
     tokenizer: Literal["bpe", "heuristic"] = "bpe"
     mismatch_threshold: float = Field(0.2, gt=0)  # a relative difference counted as a mismatch

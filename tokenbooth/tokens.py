@@ -9,7 +9,6 @@ for the rest.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -18,8 +17,6 @@ from tokenbooth import bpe
 from tokenbooth.record import TokenUsage
 
 __all__ = ["TokenEstimator", "differs", "usage_from_anthropic", "usage_from_openai"]
-
-log = logging.getLogger("tokenbooth.tokens")
 
 
 def _int(value: Any) -> int:

@@ -1,8 +1,9 @@
 """Loading a spill file back into the ledger.
 
-When the database still refuses rows at shutdown, the writer appends them to a JSON-lines
-spill file (``tokenbooth-ledger-spill.jsonl`` in the gateway's working directory) instead of
-dropping them, and ``tokenbooth_ledger_rows_total{result="failed"}`` counts them. Once the
+Rows the database cannot take (still failing at shutdown, a long outage past
+``ledger.max_queue``, a row the database refuses) are appended by the writer to a JSON-lines
+spill file (``ledger.spill_path``) instead of being dropped, and
+``tokenbooth_ledger_rows_total{result="failed"}`` counts them. Once the
 database is back, ``tokenbooth ledger replay FILE`` loads them:
 
 - every line is checked before anything is written, and the rows go in one transaction, so a

@@ -145,6 +145,10 @@ meta = Table(
 
 
 _INSERT_COLUMNS = tuple(str(c.name) for c in calls.columns if c.name != "id")
+# the declared length of each string column: client-supplied values are cut to it (see _fit)
+_LENGTH = {str(c.name): int(c.type.length) for c in calls.columns if isinstance(c.type, String) and c.type.length}
+_SESSION_LENGTH = {str(c.name): int(c.type.length) for c in sessions.columns
+                   if isinstance(c.type, String) and c.type.length}
 _SESSION_COLUMNS = tuple(str(c.name) for c in sessions.columns if c.name != "id")
 
 
@@ -187,7 +191,8 @@ def _money(amount: Decimal | None, sqlite: bool) -> Any:
 
 def session_values(rec: SessionRecord, sqlite: bool) -> tuple[Any, ...]:
     """A session roll-up as a tuple in ``insert_sql(dialect, sessions)`` order."""
-    return (_fit(rec.session_id, 128), _fit(rec.agent, 128), _when(rec.started_at, sqlite), rec.duration_s,
+    return (_fit(rec.session_id, _SESSION_LENGTH["session_id"]), _fit(rec.agent, _SESSION_LENGTH["agent"]),
+            _when(rec.started_at, sqlite), rec.duration_s,
             rec.outcome, rec.steps, rec.tool_calls, rec.tool_errors, rec.llm_calls, rec.input_tokens, rec.output_tokens,
             _money(rec.cost_usd, sqlite), rec.unpriced_calls)
 
@@ -212,12 +217,14 @@ def row_values(rec: CallRecord, sqlite: bool) -> tuple[Any, ...]:
     else:
         streamed, estimated, mismatch = rec.streamed, u.estimated, rec.tokens_mismatch
     return (
-        _fit(rec.request_id, 64), when, _fit(rec.provider, 64), _fit(rec.upstream, 128), _fit(rec.model, 256),
-        _fit(rec.served_model, 256), rec.operation.value, streamed, rec.outcome.value, rec.error_type.value,
-        rec.http_status, u.input, u.output, u.cached_input, u.cache_write, u.reasoning, estimated, mismatch, amount,
-        cost.currency if cost else None, usd, cost.source if cost else None, rec.duration_s, rec.ttft_s,
-        rec.attempts, _fit(rec.fallback_path, 512), _fit(rec.session_id, 128), _fit(rec.tenant, 128),
-        _fit(rec.key_id, 64),
+        _fit(rec.request_id, _LENGTH["request_id"]), when, _fit(rec.provider, _LENGTH["provider"]),
+        _fit(rec.upstream, _LENGTH["upstream"]), _fit(rec.model, _LENGTH["model"]),
+        _fit(rec.served_model, _LENGTH["served_model"]), rec.operation.value, streamed, rec.outcome.value,
+        rec.error_type.value, rec.http_status, u.input, u.output, u.cached_input, u.cache_write, u.reasoning,
+        estimated, mismatch, amount, cost.currency if cost else None, usd, cost.source if cost else None,
+        rec.duration_s, rec.ttft_s, rec.attempts, _fit(rec.fallback_path, _LENGTH["fallback_path"]),
+        _fit(rec.session_id, _LENGTH["session_id"]), _fit(rec.tenant, _LENGTH["tenant"]),
+        _fit(rec.key_id, _LENGTH["key_id"]),
     )
 
 

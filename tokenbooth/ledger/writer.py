@@ -66,7 +66,9 @@ def _yield_to_the_request_path() -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    return f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    """An error as one short line for the log: its class and its message's first line."""
+    text = str(exc)
+    return f"{exc.__class__.__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def _statement_sizes(rows: int, most: int) -> list[int]:
