@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the real monitoring binaries the tests run against (Debian packages), or says how.
+# Installs the real binaries the tests run against (Debian packages: the Prometheus tools, wrk,
+# redis-server), or says how.
 # Called by `make test`; safe to run again: it installs only what is missing.
 set -euo pipefail
 
@@ -8,6 +9,7 @@ command -v promtool >/dev/null || need+=(prometheus)
 command -v amtool >/dev/null || need+=(prometheus-alertmanager)
 command -v prometheus-pushgateway >/dev/null || [ -x /usr/bin/prometheus-pushgateway ] || need+=(prometheus-pushgateway)
 command -v wrk >/dev/null || need+=(wrk)
+command -v redis-server >/dev/null || need+=(redis-server)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

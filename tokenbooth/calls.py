@@ -63,10 +63,11 @@ class CallState:
     """What is known about one call so far; becomes a CallRecord at the end."""
 
     __slots__ = ("attempts", "error_type", "last_token", "outcome", "output_text", "path", "provider", "reported",
-                 "served_model", "status", "target_model", "ttft", "upstream")
+                 "response_headers", "served_model", "status", "target_model", "ttft", "upstream")
 
     def __init__(self, provider: str = "", upstream: str = "", target_model: str = "") -> None:
         self.attempts = 0
+        self.response_headers: list[tuple[bytes, bytes]] = []  # the gateway's own, e.g. x-ratelimit-*
         self.path: list[str] = []  # targets left behind, "upstream:model!reason"
         self.serve(provider, upstream, target_model)
 
@@ -142,7 +143,7 @@ class Recorder:
 
     def finish(self, call: CallState, *, request_id: str, operation: Operation, model: str,
                payload: dict[str, Any], started_at: float, duration: float, streamed: bool,
-               session_id: str | None = None, tenant: str | None = None) -> CallRecord:
+               session_id: str | None = None, tenant: str | None = None, key_id: str | None = None) -> CallRecord:
         """Build the call's record, meter it, and return it. Never raises for a bad estimate."""
         try:
             usage, mismatch = self.usage(call, model, payload)
@@ -177,6 +178,7 @@ class Recorder:
             fallback_path=">".join([*call.path, f"{call.upstream}:{target}"]) if call.path else None,
             session_id=session_id,
             tenant=tenant,
+            key_id=key_id,
         )
         self.meter.record(record)
         return record

@@ -23,6 +23,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 1
 PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 SESSION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 STEP_COUNT_BUCKETS = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89)
+REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 TOOL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -89,7 +90,27 @@ CATALOG: tuple[MetricSpec, ...] = (
     _spec("tokenbooth_tool_duration_seconds", "histogram", "Duration of tool calls.", "tool", TOOL_BUCKETS),
     _spec("tokenbooth_pushgateway_failures_total", "counter",
           "Pushes to the Pushgateway that failed (logged, retried with backoff, never raised)."),
+    _spec("tokenbooth_rejected_requests_total", "counter",
+          "Calls the gateway refused itself, never sent upstream: auth, budget, rate_limit, concurrency, "
+          "invalid_request, not_found.", "reason"),
+    _spec("tokenbooth_budget_used_ratio", "gauge",
+          "Share of a tenant's budget spent in its current window (1 = all of it).", "tenant window",
+          multiprocess_mode="livemax"),
+    _spec("tokenbooth_budget_spent_usd", "gauge", "A tenant's spend in the budget's current window, in US dollars.",
+          "tenant window", multiprocess_mode="livemax"),
+    _spec("tokenbooth_budget_limit_usd", "gauge", "A tenant's budget limit for its window, in US dollars.",
+          "tenant window", multiprocess_mode="livemax"),
+    _spec("tokenbooth_redis_up", "gauge",
+          "1 while Redis answers; 0 while budgets and limits are enforced in process instead.",
+          multiprocess_mode="livemin"),
+    _spec("tokenbooth_redis_errors_total", "counter", "Redis commands that failed or timed out, by operation.",
+          "operation"),
+    _spec("tokenbooth_redis_duration_seconds", "histogram", "Time of Redis commands (admit, settle, seed), "
+          "round trip included.", "operation", REDIS_BUCKETS),
 )
+
+# Metrics that gain a `tenant` label with metrics.tenant_labels: true.
+TENANT_LABELLED = frozenset({"tokenbooth_requests_total", "tokenbooth_tokens_total", "tokenbooth_cost_usd_total"})
 
 _BY_NAME = {spec.name: spec for spec in CATALOG}
 
@@ -101,10 +122,13 @@ class Metrics:
     ``_total`` suffix, e.g. ``metrics.requests`` for ``tokenbooth_requests_total``.
     """
 
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(self, registry: CollectorRegistry = REGISTRY, *, tenant_labels: bool = False) -> None:
         self.registry = registry
+        self.tenant_labels = tenant_labels
         made: dict[str, Counter | Gauge | Histogram] = {}
         for spec in CATALOG:
+            if tenant_labels and spec.name in TENANT_LABELLED:
+                spec = MetricSpec(spec.name, spec.kind, spec.help, (*spec.labels, "tenant"), spec.buckets)
             base = spec.name.removeprefix("tokenbooth_")
             if spec.kind == "counter":
                 # client_python appends _total itself.
@@ -138,6 +162,13 @@ class Metrics:
         self.tool_calls: Counter = made["tool_calls"]  # type: ignore[assignment]
         self.tool_duration: Histogram = made["tool_duration_seconds"]  # type: ignore[assignment]
         self.push_failures: Counter = made["pushgateway_failures"]  # type: ignore[assignment]
+        self.rejected: Counter = made["rejected_requests"]  # type: ignore[assignment]
+        self.budget_used_ratio: Gauge = made["budget_used_ratio"]  # type: ignore[assignment]
+        self.budget_spent_usd: Gauge = made["budget_spent_usd"]  # type: ignore[assignment]
+        self.budget_limit_usd: Gauge = made["budget_limit_usd"]  # type: ignore[assignment]
+        self.redis_up: Gauge = made["redis_up"]  # type: ignore[assignment]
+        self.redis_errors: Counter = made["redis_errors"]  # type: ignore[assignment]
+        self.redis_duration: Histogram = made["redis_duration_seconds"]  # type: ignore[assignment]
         self.calls_recorded = 0  # how many calls the meters have recorded here (for push batching)
 
 
@@ -185,6 +216,11 @@ def render_markdown() -> str:
         "- `error_type`: \"\" on success; rate_limited, auth, bad_request, context_length, server_error,",
         "  timeout_connect, timeout_read, connection, cancelled, invalid_response.",
         "- `operation`: chat, text_completion, embeddings.",
+        "- `reason` (rejected requests): auth, budget, rate_limit, concurrency, invalid_request, not_found.",
+        "- `window` (budgets): day, month, total.",
+        "- `tenant`: on budgets, the tenants configured with budgets. With `metrics.tenant_labels: true`,",
+        "  requests, tokens and cost carry it too: the first `metrics.max_tenants` tenants seen keep their",
+        "  name (configured ones first), the rest are `other`, and calls without a tenant have `\"\"`.",
         "- `type` (tokens): input, output, cached_input, cache_write, reasoning.",
         "- `model`: the model the caller asked for when it is configured or known to the price data;",
         "  anything else is folded to `other`, so a typo never creates a series.",

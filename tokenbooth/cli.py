@@ -96,7 +96,48 @@ def _parser() -> _Parser:
     pr.add_argument("--price-file", help="YAML price file")
     pr.add_argument("--config", "-c", help="YAML config file, for its price file and FX rates")
     _stack_parser(sub)
+    _keys_parser(sub)
+    b = sub.add_parser("budgets", help="each budget's limit, spent, reserved, remaining and reset time")
+    b.add_argument("--config", "-c", help="YAML config file: its tenants' budgets, ledger and Redis")
+    b.add_argument("--db", help="ledger database URL (default: the config's)")
+    b.add_argument("--format", choices=["table", "json"], default="table")
     return p
+
+
+def _expiry(value: str) -> dt.datetime:
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a date; use YYYY-MM-DD or YYYY-MM-DDTHH:MM") from None
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC).replace(tzinfo=None)
+    return when
+
+
+def _keys_parser(sub: Any) -> None:
+    k = sub.add_parser("keys", help="client keys: create, list, revoke (stored hashed in the ledger database)")
+    verbs = k.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+
+    def where(p: Any) -> None:
+        p.add_argument("--config", "-c", help="YAML config file, for its ledger URL")
+        p.add_argument("--db", help="ledger database URL (default: the config's, or sqlite:///tokenbooth.db)")
+
+    c = verbs.add_parser("create", help="make a key; its secret is printed once, on the last line")
+    c.add_argument("--tenant", required=True, help="the tenant its calls are billed to")
+    c.add_argument("--name", help="a label, e.g. the app or person using it")
+    c.add_argument("--budget", action="append", default=[], metavar="AMOUNT[CUR]/WINDOW",
+                   help="e.g. 50/month, 300CNY/day, 5/total; ':soft' only counts (repeatable)")
+    c.add_argument("--rpm", type=int, help="requests per minute")
+    c.add_argument("--tpm", type=int, help="tokens per minute")
+    c.add_argument("--concurrency", type=int, help="calls in flight at once")
+    c.add_argument("--expires", type=_expiry, help="when it stops working, UTC (YYYY-MM-DD or YYYY-MM-DDTHH:MM)")
+    where(c)
+    ls = verbs.add_parser("list", help="every key: id, prefix, tenant, name, limits, created, last used, revoked")
+    ls.add_argument("--format", choices=["table", "json"], default="table")
+    where(ls)
+    r = verbs.add_parser("revoke", help="revoke a key by its id or prefix (every gateway stops taking it within 5 s)")
+    r.add_argument("key", metavar="ID_OR_PREFIX")
+    where(r)
 
 
 def _stack_parser(sub: Any) -> None:
@@ -310,7 +351,75 @@ def _stack(args: argparse.Namespace) -> None:
         print("stopped", flush=True)
 
 
-_COMMANDS = {"serve": _serve, "simulate": _simulate, "demo": _demo, "report": _report, "ledger": _ledger,
+def _key_store(args: argparse.Namespace, *, must_exist: bool) -> Any:
+    from tokenbooth.control.keys import KeyStore
+    from tokenbooth.ledger.schema import connect
+
+    if must_exist:
+        engine = _existing_ledger(args)
+        engine.dispose()
+    url = args.db or _settings(argparse.Namespace(config=args.config)).ledger.url
+    return KeyStore(connect(url))
+
+
+def _keys(args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    from tokenbooth.config import BudgetConfig, LimitsConfig
+    from tokenbooth.control.keys import describe_limits
+
+    if args.keys_command == "create":
+        budgets = []
+        for text in args.budget:
+            try:
+                budgets.append(BudgetConfig.model_validate(text))
+            except ValidationError as exc:
+                raise UsageError(f"--budget {text!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}; "
+                                 "write AMOUNT[CURRENCY]/WINDOW with window day, month or total") from None
+        try:
+            limits = LimitsConfig(rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise UsageError(f"--{err['loc'][0]}: {err['msg']}") from None
+        store = _key_store(args, must_exist=False)
+        try:
+            key, secret = store.create(args.tenant, name=args.name, budgets=tuple(budgets), limits=limits,
+                                       expires_at=args.expires)
+        finally:
+            store.engine.dispose()
+        print(f"created key {key.id} (prefix {key.prefix}) for tenant {key.tenant}"
+              + (f"; {describe_limits(key)}" if describe_limits(key) != "-" else ""))
+        print("the key is shown once and stored only as a hash; keep it now:")
+        print(secret)
+        return
+    store = _key_store(args, must_exist=True)
+    try:
+        if args.keys_command == "revoke":
+            key = store.revoke(args.key)
+            print(f"revoked key {key.id} (prefix {key.prefix}, tenant {key.tenant}) at "
+                  f"{key.revoked_at.isoformat() if key.revoked_at else '?'}Z; gateways refuse it within 5 s")
+            return
+        from tokenbooth.control.keys import render_keys
+
+        sys.stdout.write(render_keys(store.list(), args.format))
+    finally:
+        store.engine.dispose()
+
+
+def _budgets(args: argparse.Namespace) -> None:
+    from tokenbooth.control.status import budget_status, render_budgets
+
+    settings = _settings(argparse.Namespace(config=args.config, db=args.db))
+    engine = _existing_ledger(argparse.Namespace(config=args.config, db=args.db))
+    try:
+        rows = budget_status(settings, engine)
+    finally:
+        engine.dispose()
+    sys.stdout.write(render_budgets(rows, args.format))
+
+
+_COMMANDS = {"serve": _serve, "keys": _keys, "budgets": _budgets,
+             "simulate": _simulate, "demo": _demo, "report": _report, "ledger": _ledger,
              "prices": _prices, "stack": _stack}
 
 

@@ -25,8 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tokenbooth.errors import ConfigError
 
-__all__ = ["CircuitConfig", "LedgerConfig", "NotifyConfig", "PricingConfig", "RetryConfig", "RobotConfig",
-           "RouteTarget", "Settings", "StackConfig", "TokensConfig", "UpstreamConfig", "load_settings"]
+__all__ = ["AuthConfig", "BudgetConfig", "BudgetsConfig", "CircuitConfig", "LedgerConfig", "LimitsConfig",
+           "NotifyConfig", "PricingConfig", "RedisConfig", "RetryConfig", "RobotConfig", "RouteTarget", "Settings",
+           "StackConfig", "TenantConfig", "TokensConfig", "UpstreamConfig", "load_settings"]
 
 ENV_PREFIX = "TOKENBOOTH_"
 
@@ -235,6 +236,129 @@ class MetricsConfig(_Model):
     """Label policy for metrics."""
 
     extra_models: tuple[str, ...] = ()  # model names kept as labels besides configured and priced ones
+    # A `tenant` label on requests, tokens and cost; the first max_tenants tenants seen (configured
+    # ones first) keep their name, the rest are folded to "other".
+    tenant_labels: bool = False
+    max_tenants: int = Field(50, ge=1, le=10_000)
+
+
+class AuthConfig(_Model):
+    """Who may call the gateway.
+
+    ``keys``: every API call needs a tokenbooth key (``tb-...``). ``open``: anyone who can reach
+    the gateway may call it. Unset: ``open`` on a loopback address; elsewhere the gateway refuses
+    to start while an upstream key is configured, so it never becomes an open relay by accident.
+    """
+
+    mode: Literal["keys", "open"] | None = None
+    # The name of the env var holding the admin key, which the Alertmanager webhook endpoints
+    # (and any admin endpoint) require once keys mode is on.
+    admin_key_env: str | None = None
+    refresh_interval: float = Field(2.0, gt=0, le=5)  # seconds between looks for created or revoked keys
+
+    def admin_key(self) -> str | None:
+        """The admin key, read from the named environment variable at use."""
+        return (os.environ.get(self.admin_key_env) or None) if self.admin_key_env else None
+
+
+_BUDGET_SHORT = re.compile(r"^\s*(?P<amount>\d+(?:\.\d+)?)\s*(?P<currency>[A-Za-z]{3})?\s*/\s*(?P<window>[a-z]+)"
+                           r"(?::(?P<mode>hard|soft))?\s*$")
+
+
+class BudgetConfig(_Model):
+    """One budget of a tenant or a key: at most ``limit`` in ``currency`` per calendar ``window``.
+
+    ``hard`` refuses calls that could take spend past the limit; ``soft`` only counts (and alerts).
+    The short form ``"50/month"``, ``"300CNY/day:soft"`` is accepted wherever a budget is.
+    """
+
+    window: Literal["day", "month", "total"]
+    limit: Decimal = Field(gt=0)
+    currency: str = "USD"
+    mode: Literal["hard", "soft"] = "hard"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            match = _BUDGET_SHORT.match(value)
+            if match is None:
+                raise ValueError(f"{value!r} is not a budget; write AMOUNT[CURRENCY]/WINDOW[:hard|soft], "
+                                 "e.g. 50/month or 300CNY/day:soft")
+            return {"limit": match["amount"], "currency": match["currency"] or "USD", "window": match["window"],
+                    "mode": match["mode"] or "hard"}
+        return value
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, v: str) -> str:
+        return v.upper()
+
+    @field_validator("limit")
+    @classmethod
+    def _finite(cls, v: Decimal) -> Decimal:
+        if not v.is_finite() or v >= Decimal("9e6"):
+            raise ValueError("must be a finite amount below 9,000,000 (budgets are exact to 1e-9 below it)")
+        return v
+
+    def short(self) -> str:
+        """The budget in its short form, e.g. ``50USD/month``."""
+        return f"{self.limit.normalize():f}{self.currency}/{self.window}" + (":soft" if self.mode == "soft" else "")
+
+
+class LimitsConfig(_Model):
+    """Rate limits of a tenant or a key. Unset: no limit."""
+
+    rpm: int | None = Field(None, ge=1)  # requests per minute
+    tpm: int | None = Field(None, ge=1)  # tokens per minute, reserved on admission and corrected at settlement
+    concurrency: int | None = Field(None, ge=1)  # calls in flight at once
+
+
+class TenantConfig(_Model):
+    """One tenant's budgets and rate limits; its keys may carry tighter ones of their own."""
+
+    budgets: tuple[BudgetConfig, ...] = ()
+    limits: LimitsConfig = LimitsConfig()
+
+
+class BudgetsConfig(_Model):
+    """How budgets are windowed and how a call's worst case is reserved."""
+
+    timezone: str = "UTC"  # calendar days and months are counted in this zone
+    # Output tokens reserved for a call that sets no max_tokens / max_completion_tokens / max_output_tokens.
+    default_max_tokens: int = Field(4096, ge=1)
+    # Seconds a reservation is held before it expires (a crashed replica's calls stop blocking the
+    # budget); unset: the longest upstream total timeout plus 60 s.
+    lease: float | None = Field(None, gt=0)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("is not a known time zone (an IANA name such as UTC or Asia/Shanghai)") from None
+        return v
+
+
+class RedisConfig(_Model):
+    """Shared state for budgets and rate limits across gateway replicas."""
+
+    url: str | None = None  # redis://[:password@]host:6379/0 or rediss://; unset: in-process state
+    timeout: float = Field(0.25, gt=0, le=10)  # seconds one admission or settlement may wait for Redis
+    # While Redis is unreachable, each replica may spend at most this share of a hard budget's limit
+    # on its own (and never more than remained at its last view of Redis).
+    outage_credit: float = Field(0.01, ge=0, le=1)
+    retry_interval: float = Field(1.0, gt=0)  # seconds between reconnection attempts during an outage
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
 
 
 class RobotConfig(_Model):
@@ -325,6 +449,10 @@ class Settings(_Model):
     tokens: TokensConfig = TokensConfig()
     notify: NotifyConfig = NotifyConfig()
     stack: StackConfig = StackConfig()
+    auth: AuthConfig = AuthConfig()
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    budgets: BudgetsConfig = BudgetsConfig()
+    redis: RedisConfig = RedisConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     graceful_shutdown: float = Field(30.0, ge=0)  # seconds to drain in-flight calls on SIGTERM
     workers: int = Field(1, ge=1, le=64)  # gateway processes sharing the port
@@ -342,7 +470,36 @@ class Settings(_Model):
                 if target.upstream not in names:
                     raise ValueError(f"route '{model}' names upstream '{target.upstream}', which is not "
                                      f"configured (upstreams: {', '.join(names) or 'none'})")
+        for tenant, conf in self.tenants.items():
+            for budget in conf.budgets:
+                if budget.currency not in self.pricing.fx:
+                    raise ValueError(f"tenant '{tenant}' has a budget in {budget.currency}; configure "
+                                     f"pricing.fx.{budget.currency}")
         return self
+
+    @property
+    def auth_mode(self) -> Literal["keys", "open"]:
+        """The authentication mode in force: the configured one, else ``open``."""
+        return self.auth.mode or "open"
+
+    def check_exposure(self) -> None:
+        """Refuse an accidental open relay: ``auth.mode`` unset, a non-loopback address, and an
+        upstream key configured that anyone reaching the gateway could spend."""
+        if self.auth.mode is not None or _loopback(self.host.strip("[]")):
+            return
+        keyed = [u.name for u in self.upstreams if u.api_key_env]
+        if keyed:
+            raise ConfigError(
+                f"The gateway would listen on {self.host} and spend the keys of upstream(s) {', '.join(keyed)} for "
+                "anyone who reaches it. Set auth.mode: keys (clients need a tokenbooth key; see 'tokenbooth keys "
+                "create'), or auth.mode: open to allow it on purpose (TOKENBOOTH_AUTH__MODE=open)."
+            )
+
+    def check_shared_state(self) -> None:
+        """Budgets and rate limits held in process are per worker: several workers need Redis."""
+        if self.workers > 1 and self.auth_mode == "keys" and self.redis.url is None:
+            raise ConfigError(f"workers is {self.workers} with auth.mode keys: budgets and rate limits are shared "
+                              "between processes only through Redis; set redis.url, or run one worker.")
 
 
 def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
@@ -408,6 +565,10 @@ def _describe(errors: ValidationError, data: Mapping[str, Any]) -> str:
     for err in errors.errors():
         loc = err["loc"]
         key = ".".join(str(p) for p in loc)
+        err["msg"] = err["msg"].removeprefix("Value error, ")
+        if not key:  # a check across keys (routes naming upstreams, budget currencies)
+            parts.append(f"Config: {err['msg']}.")
+            continue
         value: Any = data
         for p in loc:
             try:

@@ -13,6 +13,10 @@ code for the CLI, and an ``error_type`` for metrics and the ledger.
     │   ├── NotFound                404  unknown route
     │   ├── MethodNotAllowed        405
     │   └── ModelNotFound           404  no upstream serves the model
+    ├── Refusal                     the gateway refused the call on purpose (control/)
+    │   ├── AuthError               401  no key, or an unknown, revoked or expired one
+    │   ├── RateLimited             429  an RPM, TPM or concurrency limit (with Retry-After)
+    │   └── BudgetExceeded          429  a hard budget (insufficient_quota; not to be retried)
     └── UpstreamError               the upstream failed the call
         ├── UpstreamConnectError    502  connection refused, reset, DNS  (connection)
         ├── UpstreamConnectTimeout  504  no connection in time           (timeout_connect)
@@ -32,6 +36,8 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "AuthError",
+    "BudgetExceeded",
     "CircuitOpen",
     "ConfigError",
     "ErrorType",
@@ -40,6 +46,8 @@ __all__ = [
     "MethodNotAllowed",
     "ModelNotFound",
     "NotFound",
+    "RateLimited",
+    "Refusal",
     "RequestError",
     "TokenboothError",
     "UpstreamConnectError",
@@ -100,6 +108,8 @@ class TokenboothError(Exception):
     error_type: ErrorType = ErrorType.NONE
     openai_type: str = "api_error"
     code: str | None = None
+    # the ``reason`` label of tokenbooth_rejected_requests_total when the gateway refuses a call itself
+    reject_reason: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -149,6 +159,8 @@ class RequestError(TokenboothError):
 class InvalidRequest(RequestError):
     """Malformed JSON or a missing or mistyped field."""
 
+    reject_reason = "invalid_request"
+
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
@@ -165,6 +177,7 @@ class NotFound(RequestError):
     status_code = 404
     code = "not_found"
     anthropic_type = "not_found_error"
+    reject_reason = "not_found"
 
 
 class MethodNotAllowed(RequestError):
@@ -172,6 +185,7 @@ class MethodNotAllowed(RequestError):
 
     status_code = 405
     code = "method_not_allowed"
+    reject_reason = "not_found"
 
 
 class ModelNotFound(RequestError):
@@ -180,10 +194,60 @@ class ModelNotFound(RequestError):
     status_code = 404
     code = "model_not_found"
     anthropic_type = "not_found_error"
+    reject_reason = "not_found"
 
     def __init__(self, model: str) -> None:
         super().__init__(f"The model '{model}' does not exist or is not served by this gateway.")
         self.model = model
+
+
+class Refusal(TokenboothError):
+    """The gateway refused a call by policy: authentication, a rate limit or a budget."""
+
+    status_code = 429
+
+
+class AuthError(Refusal):
+    """No tokenbooth key, or one that is unknown, revoked or expired (the upstream is not contacted)."""
+
+    status_code = 401
+    openai_type = "invalid_request_error"
+    anthropic_type = "authentication_error"
+    code = "invalid_api_key"
+    reject_reason = "auth"
+
+
+class RateLimited(Refusal):
+    """A rate limit (RPM, TPM) or the concurrency cap of a key or tenant; ``retry_after`` in seconds."""
+
+    openai_type = "requests"
+    anthropic_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    reject_reason = "rate_limit"
+
+    def __init__(self, message: str, retry_after: float, *, tokens: bool = False, concurrency: bool = False) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        if tokens:
+            self.openai_type = "tokens"
+        if concurrency:
+            self.reject_reason = "concurrency"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(max(math.ceil(self.retry_after), 1)).encode())]
+
+
+class BudgetExceeded(Refusal):
+    """A hard budget would be exceeded. ``x-should-retry: false``: the official clients would
+    otherwise retry a 429, and a budget does not come back in seconds."""
+
+    openai_type = "insufficient_quota"
+    anthropic_type = "billing_error"
+    code = "budget_exceeded"
+    reject_reason = "budget"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"x-should-retry", b"false")]
 
 
 class UpstreamError(TokenboothError):

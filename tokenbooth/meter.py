@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from tokenbooth.catalog import Metrics
 from tokenbooth.record import CallRecord, Outcome
 
-__all__ = ["Meter", "ModelLabels", "RowSink"]
+__all__ = ["Meter", "ModelLabels", "RowSink", "TenantLabels"]
 
 log = logging.getLogger("tokenbooth.meter")
 
@@ -42,6 +42,25 @@ class ModelLabels:
         return model in self._known
 
 
+class TenantLabels:
+    """Folds tenants to at most ``cap`` label values: the first seen (configured ones first) keep
+    their name, later ones are ``other``; a call without a tenant is ``""``."""
+
+    def __init__(self, known: Iterable[str] = (), cap: int = 50) -> None:
+        self.cap = cap
+        self._kept: set[str] = set(list(known)[:cap])
+
+    def __call__(self, tenant: str | None) -> str:
+        if not tenant:
+            return ""
+        if tenant in self._kept:
+            return tenant
+        if len(self._kept) < self.cap:
+            self._kept.add(tenant)
+            return tenant
+        return OTHER
+
+
 def _genai_model_ids() -> set[str]:
     from genai_prices import data_snapshot
 
@@ -55,10 +74,12 @@ class Meter:
     >>> meter = Meter(Metrics(CollectorRegistry()), ModelLabels(["m"], genai_prices=False))
     """
 
-    def __init__(self, metrics: Metrics, models: ModelLabels, sink: RowSink | None = None) -> None:
+    def __init__(self, metrics: Metrics, models: ModelLabels, sink: RowSink | None = None,
+                 tenants: TenantLabels | None = None) -> None:
         self.metrics = metrics
         self.models = models
         self.sink = sink
+        self.tenants = tenants or TenantLabels()
         self._children: dict[tuple[str, ...], Any] = {}
 
     def in_flight(self, provider: str, model: str) -> Any:
@@ -91,18 +112,19 @@ class Meter:
         model = self.models(rec.model)
         op = rec.operation.value
         outcome = rec.outcome.value
-        key = (rec.provider, model, op, outcome, rec.error_type.value)
+        tenant = (self.tenants(rec.tenant),) if m.tenant_labels else ()
+        key = (rec.provider, model, op, outcome, rec.error_type.value, *tenant)
         children = self._children.get(key)
         if children is None:
             children = (
-                m.requests.labels(rec.provider, model, op, outcome, rec.error_type.value),
+                m.requests.labels(rec.provider, model, op, outcome, rec.error_type.value, *tenant),
                 m.request_duration.labels(rec.provider, model, op, outcome),
-                m.tokens.labels(rec.provider, model, op, "input"),
-                m.tokens.labels(rec.provider, model, op, "output"),
-                m.tokens.labels(rec.provider, model, op, "cached_input"),
-                m.tokens.labels(rec.provider, model, op, "cache_write"),
-                m.tokens.labels(rec.provider, model, op, "reasoning"),
-                m.cost_usd.labels(rec.provider, model),
+                m.tokens.labels(rec.provider, model, op, "input", *tenant),
+                m.tokens.labels(rec.provider, model, op, "output", *tenant),
+                m.tokens.labels(rec.provider, model, op, "cached_input", *tenant),
+                m.tokens.labels(rec.provider, model, op, "cache_write", *tenant),
+                m.tokens.labels(rec.provider, model, op, "reasoning", *tenant),
+                m.cost_usd.labels(rec.provider, model, *tenant),
                 m.unpriced.labels(rec.provider, model),
                 m.ttft.labels(rec.provider, model, op),
                 m.time_per_output_token.labels(rec.provider, model),

@@ -9,6 +9,7 @@ and response objects would cost more CPU per call than the whole proxy path
 from __future__ import annotations
 
 import gc
+import hmac
 import logging
 import os
 import re
@@ -21,7 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from tokenbooth.catalog import Metrics
 from tokenbooth.config import Settings
-from tokenbooth.errors import CircuitOpen, MethodNotAllowed, NotFound, TokenboothError, UpstreamStatusError
+from tokenbooth.control.controller import Controller
+from tokenbooth.errors import AuthError, CircuitOpen, MethodNotAllowed, NotFound, TokenboothError, UpstreamStatusError
 from tokenbooth.gateway.notify import PATH_PREFIX as WEBHOOK_PREFIX
 from tokenbooth.gateway.notify import Notifier
 from tokenbooth.gateway.proxy import ENDPOINTS, Proxy, Receive, Send
@@ -29,7 +31,7 @@ from tokenbooth.gateway.upstreams import Router
 from tokenbooth.ledger.journal import Journal
 from tokenbooth.ledger.schema import connect
 from tokenbooth.ledger.writer import LedgerWriter
-from tokenbooth.meter import Meter, ModelLabels
+from tokenbooth.meter import Meter, ModelLabels, TenantLabels
 from tokenbooth.pricing import PriceBook, load_price_file
 from tokenbooth.tokens import TokenEstimator
 
@@ -50,6 +52,9 @@ class Gateway:
         self.proxy = proxy
         self.registry = registry
         self.ledger = ledger
+        self.control: Controller | None = proxy.control
+        self._rejected = proxy.meter.metrics.rejected
+        self._admin_key = settings.auth.admin_key() if settings.auth_mode == "keys" else None
         self.notifier = Notifier(settings.notify)  # Alertmanager webhooks -> chat robots
         # Request ids: a random per-process prefix and a counter, unique without a syscall per call.
         self._id_prefix = os.urandom(7).hex()
@@ -65,9 +70,13 @@ class Gateway:
     async def startup(self) -> None:
         if self.ledger is not None:
             self.ledger.start()
+        if self.control is not None and self.control.ring is not None:
+            self.control.ring.start()
         _tune_interpreter()
 
     async def shutdown(self) -> None:
+        if self.control is not None:
+            await self.control.close()  # settlements in progress, and what Redis missed
         self.proxy.close()
         self.notifier.close()
         if self.ledger is not None:
@@ -108,11 +117,13 @@ class Gateway:
             if endpoint is not None:
                 if method != "POST":
                     raise MethodNotAllowed(f"Use POST for {path}.")
+                key = self.control.authenticate(headers) if self.control is not None else None
                 body = await _read_body(receive)
-                await self.proxy.handle(endpoint, body, headers, request_id, send, receive, arrived)
+                await self.proxy.handle(endpoint, body, headers, request_id, send, receive, arrived, key)
             elif path.startswith(WEBHOOK_PREFIX):
                 if method != "POST":
                     raise MethodNotAllowed(f"Use POST for {path}.")
+                self._check_admin(headers)
                 reply = await self.notifier.handle(path.removeprefix(WEBHOOK_PREFIX), await _read_body(receive))
                 await _respond(send, 200, reply, b"application/json")
             elif method not in ("GET", "HEAD"):
@@ -122,15 +133,28 @@ class Gateway:
             elif path == "/healthz":
                 await _respond(send, 200, b'{"status":"ok"}', b"application/json")
             elif path == "/v1/models":
+                if self.control is not None:
+                    self.control.authenticate(headers)
                 await self._models(send, headers)
             else:
                 raise NotFound(f"Unknown request URL: {method} {path}.")
         except TokenboothError as exc:
             await self._render_error(send, exc, request_id, anthropic=path == "/v1/messages")
 
+    def _check_admin(self, headers: dict[bytes, bytes]) -> None:
+        """Admin endpoints (the Alertmanager webhooks) need the admin key once keys mode is on."""
+        if self.settings.auth_mode != "keys":
+            return
+        given = headers.get(b"authorization", b"")
+        given = given[7:].strip() if given[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"").strip()
+        if self._admin_key is None or not hmac.compare_digest(given, self._admin_key.encode()):
+            raise AuthError("This endpoint needs the gateway's admin key (auth.admin_key_env) as a Bearer token.")
+
     async def _render_error(self, send: Send, exc: TokenboothError, request_id: str, *,
                             anthropic: bool = False) -> None:
         rid = (b"x-request-id", request_id.encode())
+        if exc.reject_reason is not None:
+            self._rejected.labels(exc.reject_reason).inc()
         if isinstance(exc, UpstreamStatusError):
             # The upstream's own error, passed through as it was.
             headers = [(b"content-type", exc.content_type.encode("latin-1")), rid, *exc.headers()]
@@ -206,8 +230,10 @@ def build_gateway(settings: Settings, registry: CollectorRegistry | None = None)
     Under ``PROMETHEUS_MULTIPROC_DIR`` (``--workers N``) the metrics are written to shared
     files and ``/metrics`` serves the sum over all worker processes.
     """
+    settings.check_exposure()
+    settings.check_shared_state()
     registry = registry if registry is not None else CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, tenant_labels=settings.metrics.tenant_labels)
     exposed = registry
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
@@ -226,9 +252,49 @@ def build_gateway(settings: Settings, registry: CollectorRegistry | None = None)
                               flush_interval=settings.ledger.flush_interval, max_queue=settings.ledger.max_queue,
                               spill_path=settings.ledger.spill_path,
                               journal=Journal(settings.ledger.journal_path()))
-    meter = Meter(metrics, ModelLabels(known), ledger)
+    meter = Meter(metrics, ModelLabels(known), ledger, TenantLabels(settings.tenants, settings.metrics.max_tenants))
     estimator = TokenEstimator(use_bpe=settings.tokens.tokenizer == "bpe")
     estimator.warm()
     proxy = Proxy(router, meter, prices, settings.tokens, estimator, max_attempts=settings.max_attempts,
-                  journal=ledger.journal if ledger is not None else None)
+                  journal=ledger.journal if ledger is not None else None, control=build_controller(settings, metrics),
+                  default_max_tokens=settings.budgets.default_max_tokens)
     return Gateway(settings, proxy, exposed, ledger)
+
+
+def build_controller(settings: Settings, metrics: Metrics) -> Controller | None:
+    """Keys mode: the key ring on the ledger database, and budget and limit state in Redis
+    (``redis.url``) or in process."""
+    if settings.auth_mode != "keys":
+        return None
+    from tokenbooth.control.keys import KeyRing, KeyStore
+    from tokenbooth.control.store import MemoryStore, Store
+
+    engine = connect(settings.ledger.url)
+    ring = KeyRing(KeyStore(engine), interval=settings.auth.refresh_interval)
+    store: Store
+    if settings.redis.url:
+        from tokenbooth.control.redis import RedisStore
+
+        errors = metrics.redis_errors
+        duration = metrics.redis_duration
+
+        def observe(operation: str, seconds: float, failed: bool) -> None:
+            duration.labels(operation).observe(seconds)
+            if failed:
+                errors.labels(operation).inc()
+
+        store = RedisStore(settings.redis.url, timeout=settings.redis.timeout, observe=observe)
+    else:
+        store = MemoryStore()
+    spend = None
+    if settings.ledger.enabled:
+        from tokenbooth.ledger.report import spend_since
+
+        fx = settings.pricing.fx
+
+        def spend(check: Any) -> Any:
+            assert check.window is not None
+            return spend_since(engine, tenant=check.tenant, key_id=check.key_id, since=check.window.start,
+                               currency=check.currency, fx=fx)
+
+    return Controller(settings, metrics, ring=ring, store=store, shared=settings.redis.url is not None, spend=spend)

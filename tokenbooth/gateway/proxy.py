@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -12,6 +13,8 @@ import orjson
 
 from tokenbooth.calls import ENDPOINTS, CallState, Endpoint, Format, Recorder
 from tokenbooth.config import TokensConfig, UpstreamConfig
+from tokenbooth.control.controller import Controller, Demand, RateState, Ticket
+from tokenbooth.control.keys import ClientKey
 from tokenbooth.errors import (
     CircuitOpen,
     ErrorType,
@@ -26,8 +29,8 @@ from tokenbooth.gateway.resilience import Breaker, CircuitState, RetryPolicy, pa
 from tokenbooth.gateway.upstreams import Router
 from tokenbooth.ledger.journal import Journal
 from tokenbooth.meter import Meter
-from tokenbooth.pricing import PriceBook
-from tokenbooth.record import Operation, Outcome
+from tokenbooth.pricing import PriceBook, cost_of
+from tokenbooth.record import Cost, Operation, Outcome, TokenUsage
 from tokenbooth.streams import AnthropicStream, OpenAIStream, StreamFollower
 from tokenbooth.tokens import TokenEstimator
 
@@ -51,6 +54,41 @@ _FORWARD_RESPONSE = frozenset({
     b"anthropic-ratelimit-requests-reset", b"anthropic-ratelimit-tokens-limit",
     b"anthropic-ratelimit-tokens-remaining", b"anthropic-ratelimit-tokens-reset", b"request-id",
 })
+# The upstream's rate-limit headers, replaced by the gateway's own when a key's limits apply.
+_RATE_HEADERS = frozenset(h for h in _FORWARD_RESPONSE if h.startswith(b"x-ratelimit-"))
+
+
+def rate_headers(states: tuple[RateState, ...]) -> list[tuple[bytes, bytes]]:
+    """OpenAI's ``x-ratelimit-*`` headers for the tightest RPM and TPM limits of a call."""
+    out = []
+    for s in states:
+        what = b"requests" if s.name == "rpm" else b"tokens"
+        out += [(b"x-ratelimit-limit-" + what, str(s.limit).encode()),
+                (b"x-ratelimit-remaining-" + what, str(s.remaining).encode()),
+                (b"x-ratelimit-reset-" + what, _duration(s.reset).encode())]
+    return out
+
+
+def _duration(seconds: float) -> str:
+    """A wait as OpenAI writes it: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{math.ceil(seconds * 10) / 10:g}s"
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+def _max_output(payload: dict[str, Any], default: int) -> int:
+    """The output tokens a request may generate: its max_tokens (any spelling) times ``n``."""
+    limit = default
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = payload.get(name)
+        if type(value) is int and value > 0:
+            limit = value
+            break
+    n = payload.get("n")
+    return limit * (n if type(n) is int and 1 < n <= 128 else 1)
 
 
 class Proxy:
@@ -58,8 +96,13 @@ class Proxy:
 
     def __init__(self, router: Router, meter: Meter, prices: PriceBook,
                  tokens: TokensConfig | None = None, estimator: TokenEstimator | None = None, *,
-                 max_attempts: int = 6, journal: Journal | None = None) -> None:
+                 max_attempts: int = 6, journal: Journal | None = None, control: Controller | None = None,
+                 default_max_tokens: int = 4096) -> None:
         self.router = router
+        self.control = control
+        self.default_max_tokens = default_max_tokens
+        # in keys mode a client's own credentials (its tokenbooth key) never go upstream
+        self.forward_client_auth = control is None or control.mode != "keys"
         self.journal = journal
         self.meter = meter
         self.recorder = Recorder(meter, prices, tokens, estimator)
@@ -103,12 +146,13 @@ class Proxy:
         client's own ``Authorization`` / ``x-api-key``), and the provider headers the client sent."""
         headers = self._fixed[up.name, fmt]
         extra = [(name, client[name]) for name in _FORWARD_REQUEST if name in client]
-        if up.name not in self._keys:
+        if up.name not in self._keys and self.forward_client_auth:
             extra += [(name, client[name]) for name in (b"authorization", b"x-api-key") if name in client]
         return headers + extra if extra else headers
 
     async def handle(self, ep: Endpoint, body: bytes, client_headers: Mapping[bytes, bytes],
-                     request_id: str, send: Send, receive: Receive, arrived: float | None = None) -> None:
+                     request_id: str, send: Send, receive: Receive, arrived: float | None = None,
+                     key: ClientKey | None = None) -> None:
         """Serve one API call; raises a TokenboothError before the response starts on failure."""
         t0 = arrived if arrived is not None else time.perf_counter()
         try:
@@ -127,8 +171,15 @@ class Proxy:
             raise InvalidRequest("'stream' must be a boolean.", "stream")
         targets = self.router.targets(model)
         session_id = client_headers.get(b"x-tokenbooth-session")
+        ticket: Ticket | None = None
+        if self.control is not None and key is not None:
+            checks = self.control.plan(key)
+            demand = self._demand(ep, model, targets, payload) if self.control.needs_demand(checks) else None
+            ticket = await self.control.admit(checks, demand)  # raises the refusal; nothing went upstream
 
         call = CallState(targets[0][0].provider, targets[0][0].name, targets[0][1])
+        if ticket is not None and ticket.rates:
+            call.response_headers = rate_headers(ticket.rates)
         started_at = time.time()
         in_flight = self.meter.in_flight(targets[0][0].provider, model)
         in_flight.inc()
@@ -144,14 +195,36 @@ class Proxy:
         finally:
             # the call stays in flight until it is recorded, so a drained gateway has recorded everything
             try:
-                self.recorder.finish(call, request_id=request_id, operation=ep.operation, model=model,
-                                     payload=payload, started_at=started_at, duration=time.perf_counter() - t0,
-                                     streamed=stream, session_id=session_id.decode("latin-1")[:128] if session_id
-                                     else None)
+                record = self.recorder.finish(
+                    call, request_id=request_id, operation=ep.operation, model=model, payload=payload,
+                    started_at=started_at, duration=time.perf_counter() - t0, streamed=stream,
+                    session_id=session_id.decode("latin-1")[:128] if session_id else None,
+                    tenant=key.tenant if key is not None else None, key_id=key.id if key is not None else None)
+                if ticket is not None and self.control is not None:
+                    self.control.settle(ticket, record)
                 if self.journal is not None:
                     self.journal.end()
             finally:
                 in_flight.dec()
+
+    def _demand(self, ep: Endpoint, model: str, targets: tuple[tuple[UpstreamConfig, str], ...],
+                payload: dict[str, Any]) -> Demand:
+        """The call's worst case, for its reservation: the prompt counted locally, the most output
+        it may ask for, at the dearest price along its fallback chain."""
+        tokens_in = self.recorder.estimator.prompt(model, payload)
+        out = 0 if ep.operation is Operation.EMBEDDINGS else _max_output(payload, self.default_max_tokens)
+        prices = self.recorder.prices
+        worst: Cost | None = None
+        for up, target_model in targets:
+            price = prices.lookup(target_model, provider=up.provider, upstream=up.name)
+            if price is None:
+                continue
+            amount = max(cost_of(price, TokenUsage(input=tokens_in, output=out)),
+                         cost_of(price, TokenUsage(input=tokens_in, output=out, reasoning=out)))
+            usd = amount * prices.fx[price.currency]
+            if worst is None or usd > worst.usd:
+                worst = Cost(amount, price.currency, usd, price.source)
+        return Demand(tokens_in + out, worst)
 
     def _body_for(self, up: UpstreamConfig, ep: Endpoint, model: str, target_model: str,
                   payload: dict[str, Any], body: bytes, stream: bool) -> tuple[bytes, bool]:
@@ -265,19 +338,24 @@ class Proxy:
                                               up.name)
             call.read_response(parsed, ep)
             await send({"type": "http.response.start", "status": resp.status,
-                        "headers": self._response_headers(resp, request_id, content_type)})
+                        "headers": self._response_headers(resp, request_id, content_type, call.response_headers)})
             await send({"type": "http.response.body", "body": data, "more_body": False})
         finally:
             resp.release()
 
     @staticmethod
-    def _response_headers(resp: UpstreamResponse, request_id: str, content_type: str) -> list[tuple[bytes, bytes]]:
+    def _response_headers(resp: UpstreamResponse, request_id: str, content_type: str,
+                          own: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", content_type.encode("latin-1")), (b"x-request-id", request_id.encode())]
         for name, value in resp.headers:
             if name in _FORWARD_RESPONSE:
+                if own and name in _RATE_HEADERS:
+                    continue  # the key's own limits are the ones this client lives by
                 headers.append((name, value))
             elif name == b"x-request-id":
                 headers.append((b"x-upstream-request-id", value))
+        if own:
+            headers += own
         return headers
 
     async def _stream(self, up: UpstreamConfig, ep: Endpoint, resp: UpstreamResponse,
@@ -301,7 +379,7 @@ class Proxy:
         watcher = asyncio.ensure_future(receive())
         watcher.add_done_callback(on_receive)
         await send({"type": "http.response.start", "status": 200,
-                    "headers": self._response_headers(resp, request_id, "text/event-stream")})
+                    "headers": self._response_headers(resp, request_id, "text/event-stream", call.response_headers)})
         perf = time.perf_counter
         try:
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from tokenbooth.errors import UsageError
 from tokenbooth.ledger.schema import calls
 
-__all__ = ["GROUPS", "ReportRow", "render", "report"]
+__all__ = ["GROUPS", "ReportRow", "render", "report", "spend_since"]
 
 Group = Literal["model", "provider", "upstream", "tenant", "key", "day", "month"]
 GROUPS: tuple[str, ...] = ("model", "provider", "upstream", "tenant", "key", "day", "month")
@@ -90,6 +91,25 @@ def report(engine: Engine, by: str = "model", since: dt.date | None = None,
         )
         for r in rows
     ]
+
+
+def spend_since(engine: Engine, *, tenant: str, key_id: str | None, since: dt.datetime, currency: str,
+                fx: Mapping[str, Decimal]) -> Decimal:
+    """What a tenant, or one of its keys, has spent since ``since`` (naive UTC), in ``currency``:
+    costs priced in it as they are, the others through their USD amount and ``fx``."""
+    where = [calls.c.tenant == tenant, calls.c.started_at >= since]
+    if key_id is not None:
+        where.append(calls.c.key_id == key_id)
+    stmt = select(
+        func.sum(case((calls.c.currency == currency, calls.c.cost), else_=None)),
+        func.sum(case((calls.c.currency != currency, calls.c.cost_usd), else_=None)),
+    ).where(*where)
+    with engine.connect() as conn:
+        same, other = conn.execute(stmt).one()
+    total = Decimal(same) if same is not None else Decimal(0)
+    if other is not None:
+        total += Decimal(other) / fx[currency]
+    return total
 
 
 def _total(rows: list[ReportRow]) -> ReportRow:

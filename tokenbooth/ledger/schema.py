@@ -33,9 +33,11 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 from tokenbooth.errors import ConfigError
 from tokenbooth.record import CallRecord, SessionRecord
 
-__all__ = ["SCHEMA_VERSION", "calls", "connect", "metadata", "row_from_record", "session_row", "sessions"]
+__all__ = ["SCHEMA_VERSION", "calls", "connect", "keys", "meta", "metadata", "row_from_record", "session_row",
+           "sessions"]
 
-SCHEMA_VERSION = 1
+# 1: calls and sessions. 2: client keys, and calls indexed by key and time.
+SCHEMA_VERSION = 2
 _PICO = Decimal("1e12")
 
 
@@ -113,6 +115,7 @@ calls = Table(
     Index("ix_tokenbooth_calls_provider_time", "provider", "started_at"),
     Index("ix_tokenbooth_calls_tenant_time", "tenant", "started_at"),
     Index("ix_tokenbooth_calls_request_id", "request_id"),
+    Index("ix_tokenbooth_calls_key_time", "key_id", "started_at"),
 )
 
 sessions = Table(
@@ -141,6 +144,25 @@ meta = Table(
     metadata,
     Column("key", String(64), primary_key=True),
     Column("value", String(256), nullable=False),
+)
+
+keys = Table(
+    "tokenbooth_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("prefix", String(16), nullable=False, comment="the first characters of the key, shown to tell keys apart"),
+    Column("hash", String(64), nullable=False, unique=True, comment="HMAC-SHA256 of the key; the key is never stored"),
+    Column("tenant", String(128), nullable=False),
+    Column("name", String(128)),
+    Column("budgets", String(1024), nullable=False, default="[]", comment="JSON list of budgets"),
+    Column("rpm", Integer),
+    Column("tpm", BigInteger),
+    Column("concurrency", Integer),
+    Column("created_at", DateTime(timezone=False), nullable=False, comment="UTC"),
+    Column("expires_at", DateTime(timezone=False), comment="UTC"),
+    Column("revoked_at", DateTime(timezone=False), comment="UTC"),
+    Column("last_used_at", DateTime(timezone=False), comment="UTC"),
+    Index("ix_tokenbooth_keys_prefix", "prefix"),
 )
 
 
@@ -257,6 +279,19 @@ def safe_url(url: str) -> str:
         return "<unparseable database URL>"
 
 
+def _migrate(conn: Any, version: int) -> None:
+    """Bring a ledger of an older schema up to this one, in the caller's transaction.
+
+    ``create_all`` has already added missing tables; what it does not do for tables that
+    exist (indexes, columns) is done here, one step per version.
+    """
+    if version < 2:
+        for index in calls.indexes:
+            if index.name == "ix_tokenbooth_calls_key_time":
+                index.create(conn, checkfirst=True)
+    conn.execute(meta.update().where(meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION)))
+
+
 def connect(url: str, *, create: bool = True) -> Engine:
     """An engine for the ledger at ``url``, with the schema created and checked.
 
@@ -286,6 +321,8 @@ def connect(url: str, *, create: bool = True) -> Engine:
                         f"Ledger at '{safe_url(url)}' has schema version {version}, newer than this "
                         f"tokenbooth ({SCHEMA_VERSION}); upgrade tokenbooth"
                     )
+                elif int(version) < SCHEMA_VERSION:
+                    _migrate(conn, int(version))
         else:
             with engine.connect() as conn:
                 conn.execute(select(1))

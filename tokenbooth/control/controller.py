@@ -1,0 +1,403 @@
+"""The gatekeeper: who is calling, and may this call go ahead?
+
+The gateway asks :class:`Controller` three things and knows nothing of how they are answered:
+``authenticate`` (the key in the request's headers), ``admit`` (reserve the call's worst case
+against every budget and limit of its key and tenant, or refuse it), and ``settle`` (replace
+the reservation by what the finished call's :class:`~tokenbooth.record.CallRecord` cost).
+It knows no HTTP: refusals are :class:`~tokenbooth.errors.Refusal` errors, and rate-limit
+state comes back as plain numbers on the :class:`Ticket`.
+
+With Redis configured, state is shared through :class:`~tokenbooth.control.redis.RedisStore`.
+When Redis fails or is slow, calls are admitted by an in-process :class:`MemoryStore` instead:
+rate and concurrency limits then hold per replica, and each hard budget lends each replica at
+most ``redis.outage_credit`` of its limit (never more than was left at the replica's last view
+of Redis). Settlements Redis missed are replayed, idempotently, once it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from tokenbooth.catalog import Metrics
+from tokenbooth.config import Settings
+from tokenbooth.control.keys import ClientKey, KeyRing, looks_like_key
+from tokenbooth.control.policy import Check, budget_check, from_units, rate_checks, to_units
+from tokenbooth.control.store import Admission, MemoryStore, Store, StoreUnavailable
+from tokenbooth.errors import AuthError, BudgetExceeded, RateLimited
+from tokenbooth.record import CallRecord, Cost
+
+__all__ = ["Controller", "Demand", "Ticket"]
+
+log = logging.getLogger("tokenbooth.control")
+
+_REPLAY_MAX = 100_000  # settlements kept for Redis while it is away; the ledger has them all in any case
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """A call's worst case: input tokens as counted locally plus the output it may generate, and
+    what that would cost (None: no price is known, so budgets cannot be charged for it)."""
+
+    tokens: int
+    cost: Cost | None
+
+
+@dataclass(frozen=True, slots=True)
+class RateState:
+    """One rate limit after admission, for the client's ``x-ratelimit-*`` headers."""
+
+    name: str  # "rpm" or "tpm"
+    limit: int
+    remaining: int
+    reset: float  # seconds until the bucket is full again
+
+
+@dataclass(slots=True)
+class Ticket:
+    """An admitted call: what it reserved, where, and the tightest rate limits for its headers."""
+
+    call_id: str
+    checks: tuple[Check, ...]
+    local: bool = False  # admitted by the in-process store while Redis was away
+    rates: tuple[RateState, ...] = ()
+
+
+def _in_currency(cost: Cost, currency: str, fx: Mapping[str, Decimal]) -> Decimal:
+    return cost.amount if cost.currency == currency else cost.usd / fx[currency]
+
+
+def _when(reset: dt.datetime | None) -> str:
+    return "never resets" if reset is None else f"resets {reset.isoformat(timespec='seconds')}Z"
+
+
+class Controller:
+    """Authentication, admission and settlement for the gateway (see the module's docstring)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, *, ring: KeyRing | None, store: Store,
+                 shared: bool, spend: Callable[[Check], Decimal] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.mode = settings.auth_mode
+        self.ring = ring
+        self.store = store
+        self.shared = shared  # store is Redis: fall back to self.local when it fails
+        self.local = store if isinstance(store, MemoryStore) and not shared else MemoryStore()
+        self.spend = spend
+        self.clock = clock
+        self.metrics = metrics
+        self.fx = settings.pricing.fx
+        self.zone = ZoneInfo(settings.budgets.timezone)
+        self.tenants = settings.tenants
+        self.default_max_tokens = settings.budgets.default_max_tokens
+        longest = max((u.timeout.total for u in settings.upstreams), default=600.0)
+        self.lease = settings.budgets.lease or longest + 60
+        self.credit = Decimal(str(settings.redis.outage_credit))
+        self.retry_interval = settings.redis.retry_interval
+        self._plans: dict[str, tuple[float, tuple[Check, ...]]] = {}
+        self._seq = 0
+        self._prefix = f"{int(time.time() * 1000) % 10**10:x}{id(self) % 4096:03x}"
+        self._down_until = 0.0
+        self._down = False
+        self._last_used: dict[str, float] = {}  # budget key -> spent + reserved at the last answer of Redis
+        self._replay: deque[tuple[str, tuple[Check, ...], tuple[int, ...], float]] = deque(maxlen=_REPLAY_MAX)
+        self._replaying = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._gauges: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._redis_up = metrics.redis_up
+        if shared:
+            self._redis_up.set(1)
+
+    # -- who --------------------------------------------------------------------------------
+    def authenticate(self, headers: Mapping[bytes, bytes]) -> ClientKey | None:
+        """The caller's key in keys mode (``Authorization: Bearer tb-…`` or ``x-api-key: tb-…``);
+        None in open mode. Raises :class:`AuthError`, naming no part of what was sent."""
+        if self.mode == "open" or self.ring is None:
+            return None
+        secret = None
+        auth = headers.get(b"authorization")
+        if auth is not None and auth[:7].lower() == b"bearer ":
+            secret = auth[7:].strip().decode("latin-1")
+        if secret is None or not looks_like_key(secret):
+            api_key = headers.get(b"x-api-key")
+            secret = api_key.strip().decode("latin-1") if api_key is not None else secret
+        if not secret:
+            raise AuthError("You didn't provide an API key. This gateway needs a tokenbooth key (tb-...) in the "
+                            "Authorization header (Bearer) or in x-api-key.")
+        key = self.ring.resolve(secret) if looks_like_key(secret) else None
+        if key is None:
+            raise AuthError("Incorrect API key provided: the key is unknown, revoked or expired. "
+                            "Ask your gateway's operator for a tokenbooth key (tb-...).")
+        return key
+
+    # -- what applies -----------------------------------------------------------------------
+    def plan(self, key: ClientKey | None) -> tuple[Check, ...]:
+        """The checks of a key's calls: its tenant's budgets and limits, then its own."""
+        if key is None:
+            return ()
+        now = self.clock()
+        cached = self._plans.get(key.id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        tenant = self.tenants.get(key.tenant)
+        checks: list[Check] = []
+        if tenant is not None:
+            checks += [budget_check(b, tenant=key.tenant, key_id=None, now=now, zone=self.zone) for b in tenant.budgets]
+        checks += [budget_check(b, tenant=key.tenant, key_id=key.id, now=now, zone=self.zone) for b in key.budgets]
+        if tenant is not None:
+            checks += rate_checks(tenant.limits, tenant=key.tenant, key_id=None)
+        checks += rate_checks(key.limits, tenant=key.tenant, key_id=key.id)
+        resets = [c.window.reset.replace(tzinfo=dt.UTC).timestamp() for c in checks if c.window and c.window.reset]
+        valid = min([now + 60, *resets])
+        if len(self._plans) > 10_000:
+            self._plans.clear()
+        self._plans[key.id] = (valid, tuple(checks))
+        return tuple(checks)
+
+    @staticmethod
+    def needs_demand(checks: Sequence[Check]) -> bool:
+        """Whether admission needs the call's estimated tokens and cost (a budget or a TPM limit)."""
+        return any(c.kind == "budget" or c.name == "tpm" for c in checks)
+
+    # -- admission --------------------------------------------------------------------------
+    async def admit(self, checks: tuple[Check, ...], demand: Demand | None) -> Ticket | None:
+        """Reserve the call's worst case against every check, or raise the refusal."""
+        if not checks:
+            return None
+        self._seq += 1
+        call_id = f"{self._prefix}{self._seq:x}"
+        sized = tuple(self._sized(c, demand) for c in checks)
+        now = self.clock()
+        lease_until = now + self.lease
+        local = False
+        if self.shared:
+            try:
+                admission = await self._admit_shared(call_id, sized, now, lease_until)
+            except StoreUnavailable:
+                local = True
+                sized = self._outage_view(sized)
+                admission = await self._admit_seeded(self.local, call_id, sized, now, lease_until, outage=True)
+        else:
+            admission = await self._admit_seeded(self.store, call_id, sized, now, lease_until)
+        self._observe_budgets(sized, admission)
+        if admission.refused is not None:
+            raise self._refusal(sized, admission, admission.refused)
+        return Ticket(call_id, sized, local, self._rates(sized, admission))
+
+    def _sized(self, check: Check, demand: Demand | None) -> Check:
+        if check.kind == "budget":
+            cost = demand.cost if demand is not None else None
+            amount = to_units(_in_currency(cost, check.currency, self.fx), up=True) if cost is not None else 0
+            return check.with_amount(amount)
+        if check.name == "tpm":
+            tokens = demand.tokens if demand is not None else 0
+            if tokens > check.limit:
+                raise RateLimited(f"Request too large for {check.scope}: it may use up to {tokens} tokens "
+                                  f"(input and max output), above the limit of {check.limit} tokens per minute. "
+                                  "Send less, or lower max_tokens.", 60, tokens=True)
+            return check.with_amount(tokens)
+        return check
+
+    async def _admit_shared(self, call_id: str, checks: tuple[Check, ...], now: float,
+                            lease_until: float) -> Admission:
+        if self._down and now < self._down_until:
+            raise StoreUnavailable("Redis is away")
+        try:
+            admission = await self._admit_seeded(self.store, call_id, checks, now, lease_until)
+        except StoreUnavailable as exc:
+            self._went_down(exc, now)
+            raise
+        if self._down:
+            self._came_back()
+        for i, c in enumerate(checks):
+            if c.kind == "budget" and admission.used:
+                self._last_used[c.key] = admission.used[i] - (c.amount if admission.refused is None else 0)
+        return admission
+
+    async def _admit_seeded(self, store: Store, call_id: str, checks: tuple[Check, ...], now: float,
+                            lease_until: float, *, outage: bool = False) -> Admission:
+        for _ in range(3):
+            admission = await store.admit(call_id, checks, now, lease_until)
+            if not admission.need_seed:
+                return admission
+            for i in admission.need_seed:
+                await store.seed(checks[i], 0 if outage else await self._ledger_spend(checks[i]))
+        raise StoreUnavailable("budget state could not be seeded")
+
+    async def _ledger_spend(self, check: Check) -> int:
+        if self.spend is None:
+            return 0
+        try:
+            amount = await asyncio.to_thread(self.spend, check)
+        except Exception as exc:  # the ledger is away: start from zero rather than refuse everything
+            log.warning("could not read %s's spend from the ledger (%s); counting from 0 for now",
+                        check.scope, exc.__class__.__name__)
+            return 0
+        return to_units(amount)
+
+    def _outage_view(self, checks: tuple[Check, ...]) -> tuple[Check, ...]:
+        """Checks for the in-process store while Redis is away: each hard budget lends this
+        replica at most ``outage_credit`` of its limit, and no more than was left."""
+        out = []
+        for c in checks:
+            if c.kind == "budget":
+                left = c.limit - self._last_used.get(c.key, 0)
+                out.append(replace(c, limit=max(0, min(int(left), int(c.limit * self.credit)))))
+            else:
+                out.append(c)
+        return tuple(out)
+
+    def _went_down(self, exc: StoreUnavailable, now: float) -> None:
+        self._down_until = now + self.retry_interval
+        if not self._down:
+            self._down = True
+            self._redis_up.set(0)
+            log.error("Redis is unreachable (%s): budgets and limits are enforced in process, each hard budget "
+                      "lending this replica at most %s of its limit, until it answers again", exc, self.credit)
+
+    def _came_back(self) -> None:
+        self._down = False
+        self._redis_up.set(1)
+        log.warning("Redis answers again: budgets and limits are shared again; replaying %d settlements",
+                    len(self._replay))
+        self._spawn(self._drain_replay())
+
+    def _refusal(self, checks: tuple[Check, ...], admission: Admission, index: int) -> Exception:
+        c = checks[index]
+        used = admission.used[index] if admission.used else 0
+        if c.kind == "budget":
+            spent = admission.spent[index] if admission.spent else 0
+            assert c.window is not None
+            return BudgetExceeded(
+                f"Budget exceeded for {c.scope}: {c.window.kind} {c.window.period} limit {_money(c.limit)} "
+                f"{c.currency}, spent {_money(spent)}, reserved by calls in flight {_money(used - spent)}, "
+                f"this call may cost up to {_money(c.amount)}; {_when(c.window.reset)}.")
+        if c.kind == "rate":
+            wait = (c.amount - used) / c.per_second if c.per_second else 60
+            what = "requests" if c.name == "rpm" else "tokens"
+            return RateLimited(f"Rate limit reached for {c.scope} on {what} per min ({c.name.upper()}): limit "
+                               f"{c.limit}, remaining {max(int(used), 0)}, requested {c.amount}. Please try "
+                               f"again in {wait:.1f}s.", wait, tokens=c.name == "tpm")
+        return RateLimited(f"Too many calls in flight for {c.scope}: the limit is {c.limit} at once. Please try "
+                           "again when one has finished.", 1, concurrency=True)
+
+    @staticmethod
+    def _rates(checks: tuple[Check, ...], admission: Admission) -> tuple[RateState, ...]:
+        best: dict[str, RateState] = {}
+        for i, c in enumerate(checks):
+            if c.kind != "rate" or not admission.used:
+                continue
+            left = admission.used[i]
+            state = RateState(c.name, c.limit, max(int(left), 0), max(c.limit - left, 0) / c.per_second)
+            held = best.get(c.name)
+            if held is None or state.remaining / state.limit < held.remaining / held.limit:
+                best[c.name] = state
+        return tuple(best.values())
+
+    def _observe_budgets(self, checks: tuple[Check, ...], admission: Admission) -> None:
+        if not admission.spent:
+            return
+        for i, c in enumerate(checks):
+            if c.kind != "budget" or c.key_id is not None:
+                continue  # keys never become labels; tenants are the configured ones
+            gauges = self._gauges.get((c.tenant, c.name))
+            if gauges is None:
+                m = self.metrics
+                gauges = (m.budget_spent_usd.labels(c.tenant, c.name), m.budget_limit_usd.labels(c.tenant, c.name),
+                          m.budget_used_ratio.labels(c.tenant, c.name))
+                self._gauges[(c.tenant, c.name)] = gauges
+            rate = float(self.fx[c.currency])
+            spent = admission.spent[i]
+            gauges[0].set(spent / 1e9 * rate)
+            gauges[1].set(c.limit / 1e9 * rate)
+            gauges[2].set(spent / c.limit if c.limit else 0.0)
+
+    # -- settlement -------------------------------------------------------------------------
+    def settle(self, ticket: Ticket | None, record: CallRecord) -> None:
+        """Replace the call's reservations by what its record says it cost. Never raises."""
+        if ticket is None:
+            return
+        actual = tuple(self._actual(c, record) for c in ticket.checks)
+        now = self.clock()
+        if not self.shared or ticket.local:
+            self.local.settle_now(ticket.call_id, ticket.checks, actual, now)
+            if ticket.local:
+                # Redis never reserved this call: tell it what was spent (TPM tokens included)
+                checks = tuple(c.with_amount(0) if c.name == "tpm" else c for c in ticket.checks)
+                self._replay.append((ticket.call_id, checks, actual, now))
+            return
+        if self._down:
+            self._replay.append((ticket.call_id, ticket.checks, actual, now))
+            return
+        sent = self.store.send_settle(ticket.call_id, ticket.checks, actual, now)  # type: ignore[attr-defined]
+        sent.add_done_callback(lambda fut: self._settled(fut, ticket.call_id, ticket.checks, actual, now))
+
+    def _settled(self, fut: asyncio.Future[Any], call_id: str, checks: tuple[Check, ...], actual: tuple[int, ...],
+                 now: float) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            self._replay.append((call_id, checks, actual, now))
+            if isinstance(exc, StoreUnavailable):
+                self._went_down(exc, self.clock())
+            else:
+                log.error("settlement of call %s failed: %s", call_id, exc)
+
+    def _actual(self, check: Check, record: CallRecord) -> int:
+        if check.kind == "budget":
+            return to_units(_in_currency(record.cost, check.currency, self.fx)) if record.cost is not None else 0
+        if check.name == "tpm":
+            return record.usage.input + record.usage.output
+        return check.amount
+
+    async def _drain_replay(self) -> None:
+        if self._replaying:
+            return
+        self._replaying = True
+        try:
+            while self._replay:
+                call_id, checks, actual, when = self._replay[0]
+                try:
+                    await self.store.settle(call_id, checks, actual, when)
+                except StoreUnavailable as exc:
+                    self._went_down(exc, self.clock())
+                    return
+                self._replay.popleft()
+        finally:
+            self._replaying = False
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        if task.done():
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("settlement failed: %s", task.exception())
+
+    async def close(self) -> None:
+        """Let settlements in progress finish, replay what Redis missed, and close."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        if self.shared and self._replay:
+            self._down = False
+            await self._drain_replay()
+            if self._replay:
+                log.error("%d settlements could not reach Redis before shutdown; the ledger holds their "
+                          "calls, so a Redis flush and reseed would count them", len(self._replay))
+        if self.ring is not None:
+            await asyncio.to_thread(self.ring.close)
+        await self.store.close()
+
+
+def _money(units: float) -> str:
+    return f"{from_units(round(units)):.6f}".rstrip("0").rstrip(".") if units else "0"

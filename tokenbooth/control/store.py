@@ -1,0 +1,212 @@
+"""Where budget, rate-limit and concurrency state lives: one interface, two implementations.
+
+:class:`MemoryStore` (this module) holds it in process, for one gateway; ``RedisStore``
+(``redis.py``, with its Lua scripts beside it) shares it between replicas. Both do the same:
+
+- ``admit`` checks every check of a call at once and, only if all pass, reserves the call's
+  amount against each. A budget refuses when ``spent + reserved + amount > limit`` (hard
+  budgets only); a token bucket when it holds fewer tokens than the amount; a concurrency cap
+  when it is full. Reservations carry a lease: a call never settled (its replica crashed)
+  stops counting when the lease ends.
+- ``settle`` replaces a call's reservations by what it really cost, once: settling the same
+  call again changes nothing.
+- a budget's state starts unseeded; ``admit`` then answers ``need_seed`` and the controller
+  seeds it from the ledger (``seed`` keeps the larger of the ledger's and the store's spend,
+  so a restart or a flush never counts a call twice).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tokenbooth.control.policy import Check
+
+__all__ = ["Admission", "MemoryStore", "Store", "StoreUnavailable"]
+
+
+class StoreUnavailable(Exception):
+    """The shared store did not answer in time (or at all)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What a store said about one call.
+
+    ``refused`` is the index of the first check that refused, or None when admitted (or when
+    some budgets need seeding first: ``need_seed``). ``used[i]`` is check i's state after the
+    answer: for a budget, spent + reserved; for a bucket, the tokens left; for concurrency,
+    the calls in flight. ``spent[i]`` is a budget's settled spend.
+    """
+
+    refused: int | None = None
+    need_seed: tuple[int, ...] = ()
+    used: tuple[float, ...] = ()
+    spent: tuple[float, ...] = ()
+
+    @property
+    def admitted(self) -> bool:
+        return self.refused is None and not self.need_seed
+
+
+class Store(Protocol):
+    async def admit(self, call_id: str, checks: Sequence[Check], now: float, lease_until: float) -> Admission: ...
+
+    async def settle(self, call_id: str, checks: Sequence[Check], actual: Sequence[int], now: float) -> None: ...
+
+    async def seed(self, check: Check, spent: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class _Budget:
+    period_key: str
+    spent: int = 0
+    reserved: int = 0
+    seeded: bool = False
+    leases: dict[str, tuple[int, float]] = field(default_factory=dict)  # call -> (amount, expiry)
+    expiries: list[tuple[float, str]] = field(default_factory=list)  # heap over leases
+
+    def purge(self, now: float) -> None:
+        while self.expiries and self.expiries[0][0] <= now:
+            _, call = heapq.heappop(self.expiries)
+            lease = self.leases.get(call)
+            if lease is not None and lease[1] <= now:
+                del self.leases[call]
+                self.reserved -= lease[0]
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+    def refill(self, capacity: int, per_second: float, now: float) -> float:
+        self.tokens = min(float(capacity), self.tokens + max(now - self.at, 0.0) * per_second)
+        self.at = max(now, self.at)
+        return self.tokens
+
+
+def _state_key(check: Check) -> str:
+    """Budgets are kept per scope and window kind, the period inside: a new period starts over."""
+    return check.key.rsplit(":", 1)[0] if check.kind == "budget" else check.key
+
+
+class MemoryStore:
+    """In-process state for one gateway process. Not thread-safe: the event loop owns it."""
+
+    def __init__(self) -> None:
+        self._budgets: dict[str, _Budget] = {}
+        self._buckets: dict[str, _Bucket] = {}
+        self._inflight: dict[str, dict[str, float]] = {}  # key -> call -> lease expiry
+        self._settled: dict[str, float] = {}  # call -> when it was settled (idempotency)
+        self._admitted: set[str] = set()
+
+    def _budget(self, check: Check) -> _Budget:
+        key = _state_key(check)
+        state = self._budgets.get(key)
+        if state is None or state.period_key != check.key:
+            state = _Budget(check.key)
+            self._budgets[key] = state
+        return state
+
+    def _bucket(self, check: Check, now: float) -> _Bucket:
+        bucket = self._buckets.get(check.key)
+        if bucket is None:
+            bucket = self._buckets[check.key] = _Bucket(float(check.limit), now)
+        bucket.refill(check.limit, check.per_second, now)
+        return bucket
+
+    def _calls(self, check: Check, now: float) -> dict[str, float]:
+        calls = self._inflight.setdefault(check.key, {})
+        for call in [c for c, expiry in calls.items() if expiry <= now]:
+            del calls[call]
+        return calls
+
+    async def admit(self, call_id: str, checks: Sequence[Check], now: float, lease_until: float) -> Admission:
+        if call_id in self._admitted:
+            return Admission(used=self._used(checks, now), spent=self._spent(checks))
+        need = []
+        refused = None
+        for i, check in enumerate(checks):
+            if check.kind == "budget":
+                state = self._budget(check)
+                state.purge(now)
+                if not state.seeded:
+                    need.append(i)
+                elif check.hard and state.spent + state.reserved + check.amount > check.limit and refused is None:
+                    refused = i
+            elif check.kind == "rate":
+                if self._bucket(check, now).tokens < check.amount and refused is None:
+                    refused = i
+            elif len(self._calls(check, now)) >= check.limit and refused is None:
+                refused = i
+        if need:
+            return Admission(need_seed=tuple(need))
+        if refused is not None:
+            return Admission(refused=refused, used=self._used(checks, now), spent=self._spent(checks))
+        for check in checks:
+            if check.kind == "budget":
+                state = self._budget(check)
+                state.reserved += check.amount
+                state.leases[call_id] = (check.amount, lease_until)
+                heapq.heappush(state.expiries, (lease_until, call_id))
+            elif check.kind == "rate":
+                self._bucket(check, now).tokens -= check.amount
+            else:
+                self._calls(check, now)[call_id] = lease_until
+        self._admitted.add(call_id)
+        return Admission(used=self._used(checks, now), spent=self._spent(checks))
+
+    def _used(self, checks: Sequence[Check], now: float) -> tuple[float, ...]:
+        out: list[float] = []
+        for check in checks:
+            if check.kind == "budget":
+                state = self._budget(check)
+                out.append(state.spent + state.reserved)
+            elif check.kind == "rate":
+                out.append(self._bucket(check, now).tokens)
+            else:
+                out.append(len(self._inflight.get(check.key, ())))
+        return tuple(out)
+
+    def _spent(self, checks: Sequence[Check]) -> tuple[float, ...]:
+        return tuple(self._budget(c).spent if c.kind == "budget" else 0 for c in checks)
+
+    async def settle(self, call_id: str, checks: Sequence[Check], actual: Sequence[int], now: float) -> None:
+        self.settle_now(call_id, checks, actual, now)
+
+    def settle_now(self, call_id: str, checks: Sequence[Check], actual: Sequence[int], now: float) -> None:
+        """``settle`` without a coroutine: in-process state needs no waiting."""
+        if call_id in self._settled:
+            return
+        self._admitted.discard(call_id)
+        self._settled[call_id] = now
+        if len(self._settled) > 100_000:  # idempotency needs only the recent past
+            for old in [c for c, t in self._settled.items() if t < now - 3600][:50_000]:
+                del self._settled[old]
+        for check, amount in zip(checks, actual, strict=True):
+            if check.kind == "budget":
+                state = self._budget(check)
+                lease = state.leases.pop(call_id, None)
+                if lease is not None:
+                    state.reserved -= lease[0]
+                state.spent += amount
+            elif check.kind == "rate":
+                if check.amount != amount:  # TPM: what was reserved, corrected to what was used
+                    bucket = self._bucket(check, now)
+                    bucket.tokens = min(float(check.limit), bucket.tokens + check.amount - amount)
+            else:
+                self._inflight.get(check.key, {}).pop(call_id, None)
+
+    async def seed(self, check: Check, spent: int) -> None:
+        state = self._budget(check)
+        if not state.seeded:
+            state.spent = max(state.spent, spent)
+            state.seeded = True
+
+    async def close(self) -> None:
+        return None
