@@ -17,6 +17,7 @@ of Redis). Settlements Redis missed are replayed, idempotently, once it answers 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -108,8 +109,9 @@ class Controller:
         self._down = False
         self._last_used: dict[str, float] = {}  # budget key -> spent + reserved at the last answer of Redis
         self._replay: deque[tuple[str, tuple[Check, ...], tuple[int, ...], float]] = deque(maxlen=_REPLAY_MAX)
-        self._replaying = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._recovering = False
+        self._epoch: str | None = None  # Redis's epoch key: it changes when Redis loses its data
+        self._pending: set[asyncio.Future[Any]] = set()  # settlements sent to Redis, not yet answered
         self._gauges: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self._redis_up = metrics.redis_up
         if shared:
@@ -207,19 +209,46 @@ class Controller:
 
     async def _admit_shared(self, call_id: str, checks: tuple[Check, ...], now: float,
                             lease_until: float) -> Admission:
-        if self._down and now < self._down_until:
-            raise StoreUnavailable("Redis is away")
+        if self._down and (now < self._down_until or self._recovering):
+            raise StoreUnavailable("Redis is away")  # not tried again before retry_interval
         try:
+            if self._down:
+                await self._recover()
+            elif self._epoch is None:
+                self._epoch = await self.store.epoch()  # type: ignore[attr-defined]
             admission = await self._admit_seeded(self.store, call_id, checks, now, lease_until)
         except StoreUnavailable as exc:
             self._went_down(exc, now)
             raise
-        if self._down:
-            self._came_back()
         for i, c in enumerate(checks):
             if c.kind == "budget" and admission.used:
                 self._last_used[c.key] = admission.used[i] - (c.amount if admission.refused is None else 0)
         return admission
+
+    async def _recover(self) -> None:
+        """Redis answers again: hand it the settlements it missed, then share state again.
+
+        A Redis that came back empty (restarted without persistence, or flushed: its epoch key
+        changed) gets none of them: its budgets are seeded again from the ledger, which holds
+        those calls, and replaying them on top would count them twice.
+        """
+        self._recovering = True
+        try:
+            epoch = await self.store.epoch()  # type: ignore[attr-defined]
+            if epoch != self._epoch and self._epoch is not None:
+                log.warning("Redis came back empty: %d settlements are not replayed; budgets are seeded again "
+                            "from the ledger", len(self._replay))
+                self._replay.clear()
+            while self._replay:
+                call_id, checks, actual, when = self._replay[0]
+                await self.store.settle(call_id, checks, actual, when)
+                self._replay.popleft()
+            self._epoch = epoch
+        finally:
+            self._recovering = False
+        self._down = False
+        self._redis_up.set(1)
+        log.warning("Redis answers again: budgets and limits are shared again")
 
     async def _admit_seeded(self, store: Store, call_id: str, checks: tuple[Check, ...], now: float,
                             lease_until: float, *, outage: bool = False) -> Admission:
@@ -261,13 +290,6 @@ class Controller:
             self._redis_up.set(0)
             log.error("Redis is unreachable (%s): budgets and limits are enforced in process, each hard budget "
                       "lending this replica at most %s of its limit, until it answers again", exc, self.credit)
-
-    def _came_back(self) -> None:
-        self._down = False
-        self._redis_up.set(1)
-        log.warning("Redis answers again: budgets and limits are shared again; replaying %d settlements",
-                    len(self._replay))
-        self._spawn(self._drain_replay())
 
     def _refusal(self, checks: tuple[Check, ...], admission: Admission, index: int) -> Exception:
         c = checks[index]
@@ -337,11 +359,13 @@ class Controller:
             self._replay.append((ticket.call_id, ticket.checks, actual, now))
             return
         sent = self.store.send_settle(ticket.call_id, ticket.checks, actual, now)  # type: ignore[attr-defined]
+        self._pending.add(sent)
         sent.add_done_callback(lambda fut: self._settled(fut, ticket.call_id, ticket.checks, actual, now))
 
     def _settled(self, fut: asyncio.Future[Any], call_id: str, checks: tuple[Check, ...], actual: tuple[int, ...],
                  now: float) -> None:
-        exc = fut.exception()
+        self._pending.discard(fut)
+        exc = fut.exception() if not fut.cancelled() else StoreUnavailable("the settlement was cancelled")
         if exc is not None:
             self._replay.append((call_id, checks, actual, now))
             if isinstance(exc, StoreUnavailable):
@@ -356,41 +380,13 @@ class Controller:
             return record.usage.input + record.usage.output
         return check.amount
 
-    async def _drain_replay(self) -> None:
-        if self._replaying:
-            return
-        self._replaying = True
-        try:
-            while self._replay:
-                call_id, checks, actual, when = self._replay[0]
-                try:
-                    await self.store.settle(call_id, checks, actual, when)
-                except StoreUnavailable as exc:
-                    self._went_down(exc, self.clock())
-                    return
-                self._replay.popleft()
-        finally:
-            self._replaying = False
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        if task.done():
-            return
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("settlement failed: %s", task.exception())
-
     async def close(self) -> None:
         """Let settlements in progress finish, replay what Redis missed, and close."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=5)
         if self.shared and self._replay:
-            self._down = False
-            await self._drain_replay()
+            with contextlib.suppress(StoreUnavailable):
+                await self._recover()
             if self._replay:
                 log.error("%d settlements could not reach Redis before shutdown; the ledger holds their "
                           "calls, so a Redis flush and reseed would count them", len(self._replay))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = ["RedisStore"]
 
 _LUA = Path(__file__).with_name("lua")
 _KIND = {"budget": "b", "rate": "r", "concurrency": "c"}
+EPOCH_KEY = "tb:epoch"
 SETTLED_TTL = 3600  # seconds a settled call's marker keeps a replayed settlement from counting twice
 
 
@@ -82,6 +84,20 @@ class RedisStore:
         finally:
             self._note(name, t0, failed)
 
+    async def epoch(self) -> str:
+        """Redis's epoch: a random value set once; a Redis that lost its data has a new one."""
+        t0 = time.perf_counter()
+        failed = True
+        try:
+            await self.conn.execute("SET", EPOCH_KEY, uuid.uuid4().hex, "NX")
+            value = await self.conn.execute("GET", EPOCH_KEY)
+            failed = False
+            return str(value.decode() if value else "")
+        except (OSError, TimeoutError, ConnectionError, RedisReplyError) as exc:
+            raise StoreUnavailable(f"{exc.__class__.__name__}: {exc}") from exc
+        finally:
+            self._note("epoch", t0, failed)
+
     async def ping(self) -> None:
         await self._run("ping", (), ())
 
@@ -123,7 +139,7 @@ class RedisStore:
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         def finished(fut: asyncio.Future[Any]) -> None:
-            exc = fut.exception()
+            exc = fut.exception() if not fut.cancelled() else ConnectionError("cancelled")
             if exc is None:
                 self._note("settle", t0, False)
                 done.set_result(fut.result())
