@@ -264,7 +264,8 @@ class RedisServer:
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.fail("redis-server is needed (Debian: apt-get install redis-server; 'make test' installs it as root)")
+            pytest.fail("redis-server is needed (Debian: apt-get install redis-server; "
+                        "'make test' installs it as root)")
         self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--dir", str(self.directory)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -30,6 +30,12 @@ def _via(proxy: str | None) -> str:
     return f" via proxy {parts.hostname}:{parts.port or 80}"
 
 
+def _redis_where(url: str) -> str:
+    from tokenbooth.control.resp import RedisAddress
+
+    return RedisAddress.parse(url).safe()
+
+
 def _date(value: str) -> dt.date:
     try:
         return dt.date.fromisoformat(value)
@@ -188,13 +194,17 @@ def _serve(args: argparse.Namespace) -> None:
     settings = _settings(args)
     if not settings.upstreams:
         raise ConfigError("No upstreams configured: pass --upstream URL, or a config file with 'upstreams'.")
+    settings.check_exposure()  # before anything is printed or created
+    settings.check_shared_state()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     report_lost_rows(settings)
     ups = ", ".join(f"{u.name} ({u.provider}) {u.base_url}{_via(u.proxy_url())}" for u in settings.upstreams)
     workers = f" on {settings.workers} workers" if settings.workers > 1 else ""
     print(f"tokenbooth gateway on http://{settings.host}:{settings.port}/v1{workers} -> {ups}", flush=True)
     print(f"  ledger {safe_url(settings.ledger.url) if settings.ledger.enabled else 'off'}; "
-          f"metrics http://{settings.host}:{settings.port}/metrics", flush=True)
+          f"metrics http://{settings.host}:{settings.port}/metrics; auth {settings.auth_mode}"
+          + (f"; budgets and limits in Redis {_redis_where(settings.redis.url)}" if settings.redis.url and
+             settings.auth_mode == "keys" else ""), flush=True)
     if settings.workers > 1:
         if settings.ledger.enabled:
             connect(settings.ledger.url).dispose()  # create the schema once, before the workers race to

@@ -49,9 +49,9 @@ def test_budget_short_forms_and_their_errors() -> None:
                                                                     "currency": "USD", "mode": "hard"}
     with pytest.raises(ConfigError, match=r"tenants.t.budgets.0.*not a budget"):
         load_settings(overrides={"tenants": {"t": {"budgets": ["fifty a month"]}}}, environ={})
-    with pytest.raises(ConfigError, match="configure pricing.fx.EUR"):
+    with pytest.raises(ConfigError, match=r"configure pricing\.fx\.EUR"):
         load_settings(overrides={"tenants": {"t": {"budgets": ["5EUR/day"]}}}, environ={})
-    with pytest.raises(ConfigError, match="budgets.timezone.*not a known time zone"):
+    with pytest.raises(ConfigError, match=r"budgets\.timezone.*not a known time zone"):
         load_settings(overrides={"budgets": {"timezone": "Mars/Olympus"}}, environ={})
 
 

@@ -279,10 +279,10 @@ def test_the_webhook_needs_the_admin_key_in_keys_mode(keyed: Callable[..., Keyed
 def test_an_open_gateway_off_loopback_with_an_upstream_key_refuses_to_start(tmp_path: Path) -> None:
     base = {"upstreams": [{"name": "u", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "X"}],
             "host": "0.0.0.0", "ledger": {"url": f"sqlite:///{tmp_path / 'l.db'}", "enabled": False}}
-    with pytest.raises(ConfigError, match=r"auth.mode: keys"):
+    with pytest.raises(ConfigError, match=r"auth\.mode: keys"):
         build_gateway(load_settings(overrides=base, environ={}))
     build_gateway(load_settings(overrides={**base, "auth": {"mode": "open"}}, environ={}))  # on purpose: allowed
     no_key = {**base, "upstreams": [{"name": "u", "base_url": "http://127.0.0.1:9/v1"}]}
     build_gateway(load_settings(overrides=no_key, environ={}))  # clients bring their own upstream keys
-    with pytest.raises(ConfigError, match="redis.url"):
+    with pytest.raises(ConfigError, match=r"redis\.url"):
         build_gateway(load_settings(overrides={**base, "workers": 2, "auth": {"mode": "keys"}}, environ={}))

@@ -41,6 +41,8 @@ __all__ = ["Controller", "Demand", "Ticket"]
 log = logging.getLogger("tokenbooth.control")
 
 _REPLAY_MAX = 100_000  # settlements kept for Redis while it is away; the ledger has them all in any case
+# a settlement Redis has not taken yet: call id, checks, reserved amounts, actual amounts, when
+_Replay = tuple[str, tuple[Check, ...], tuple[int, ...], tuple[int, ...], float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,7 @@ class Ticket:
 
     call_id: str
     checks: tuple[Check, ...]
+    amounts: tuple[int, ...]  # what the call reserved of each check
     local: bool = False  # admitted by the in-process store while Redis was away
     rates: tuple[RateState, ...] = ()
 
@@ -108,7 +111,7 @@ class Controller:
         self._down_until = 0.0
         self._down = False
         self._last_used: dict[str, float] = {}  # budget key -> spent + reserved at the last answer of Redis
-        self._replay: deque[tuple[str, tuple[Check, ...], tuple[int, ...], float]] = deque(maxlen=_REPLAY_MAX)
+        self._replay: deque[_Replay] = deque(maxlen=_REPLAY_MAX)
         self._recovering = False
         self._epoch: str | None = None  # Redis's epoch key: it changes when Redis loses its data
         self._pending: set[asyncio.Future[Any]] = set()  # settlements sent to Redis, not yet answered
@@ -175,39 +178,50 @@ class Controller:
             return None
         self._seq += 1
         call_id = f"{self._prefix}{self._seq:x}"
-        sized = tuple(self._sized(c, demand) for c in checks)
+        amounts = self._amounts(checks, demand)
         now = self.clock()
         lease_until = now + self.lease
         local = False
         if self.shared:
             try:
-                admission = await self._admit_shared(call_id, sized, now, lease_until)
+                admission = await self._admit_shared(call_id, checks, amounts, now, lease_until)
             except StoreUnavailable:
                 local = True
-                sized = self._outage_view(sized)
-                admission = await self._admit_seeded(self.local, call_id, sized, now, lease_until, outage=True)
+                checks = self._outage_view(checks)
+                admission = await self._admit_seeded(self.local, call_id, checks, amounts, now, lease_until,
+                                                     outage=True)
         else:
-            admission = await self._admit_seeded(self.store, call_id, sized, now, lease_until)
-        self._observe_budgets(sized, admission)
+            admission = await self._admit_seeded(self.store, call_id, checks, amounts, now, lease_until)
+        self._observe_budgets(checks, admission)
         if admission.refused is not None:
-            raise self._refusal(sized, admission, admission.refused)
-        return Ticket(call_id, sized, local, self._rates(sized, admission))
+            raise self._refusal(checks, amounts, admission, admission.refused)
+        return Ticket(call_id, checks, amounts, local, self._rates(checks, admission))
 
-    def _sized(self, check: Check, demand: Demand | None) -> Check:
-        if check.kind == "budget":
-            cost = demand.cost if demand is not None else None
-            amount = to_units(_in_currency(cost, check.currency, self.fx), up=True) if cost is not None else 0
-            return check.with_amount(amount)
-        if check.name == "tpm":
-            tokens = demand.tokens if demand is not None else 0
-            if tokens > check.limit:
-                raise RateLimited(f"Request too large for {check.scope}: it may use up to {tokens} tokens "
-                                  f"(input and max output), above the limit of {check.limit} tokens per minute. "
-                                  "Send less, or lower max_tokens.", 60, tokens=True)
-            return check.with_amount(tokens)
-        return check
+    def _amounts(self, checks: tuple[Check, ...], demand: Demand | None) -> tuple[int, ...]:
+        """What the call reserves of each check: its worst-case cost in each budget's currency,
+        its worst-case tokens for TPM, one call for RPM and concurrency."""
+        out = []
+        by_currency: dict[str, int] = {}
+        for check in checks:
+            if check.kind == "budget":
+                cost = demand.cost if demand is not None else None
+                amount = by_currency.get(check.currency)
+                if amount is None:
+                    amount = to_units(_in_currency(cost, check.currency, self.fx), up=True) if cost else 0
+                    by_currency[check.currency] = amount
+                out.append(amount)
+            elif check.name == "tpm":
+                tokens = demand.tokens if demand is not None else 0
+                if tokens > check.limit:
+                    raise RateLimited(f"Request too large for {check.scope}: it may use up to {tokens} tokens "
+                                      f"(input and max output), above the limit of {check.limit} tokens per "
+                                      "minute. Send less, or lower max_tokens.", 60, tokens=True)
+                out.append(tokens)
+            else:
+                out.append(1)
+        return tuple(out)
 
-    async def _admit_shared(self, call_id: str, checks: tuple[Check, ...], now: float,
+    async def _admit_shared(self, call_id: str, checks: tuple[Check, ...], amounts: tuple[int, ...], now: float,
                             lease_until: float) -> Admission:
         if self._down and (now < self._down_until or self._recovering):
             raise StoreUnavailable("Redis is away")  # not tried again before retry_interval
@@ -216,13 +230,13 @@ class Controller:
                 await self._recover()
             elif self._epoch is None:
                 self._epoch = await self.store.epoch()  # type: ignore[attr-defined]
-            admission = await self._admit_seeded(self.store, call_id, checks, now, lease_until)
+            admission = await self._admit_seeded(self.store, call_id, checks, amounts, now, lease_until)
         except StoreUnavailable as exc:
             self._went_down(exc, now)
             raise
         for i, c in enumerate(checks):
             if c.kind == "budget" and admission.used:
-                self._last_used[c.key] = admission.used[i] - (c.amount if admission.refused is None else 0)
+                self._last_used[c.key] = admission.used[i] - (amounts[i] if admission.refused is None else 0)
         return admission
 
     async def _recover(self) -> None:
@@ -240,8 +254,8 @@ class Controller:
                             "from the ledger", len(self._replay))
                 self._replay.clear()
             while self._replay:
-                call_id, checks, actual, when = self._replay[0]
-                await self.store.settle(call_id, checks, actual, when)
+                call_id, checks, amounts, actual, when = self._replay[0]
+                await self.store.settle(call_id, checks, amounts, actual, when)
                 self._replay.popleft()
             self._epoch = epoch
         finally:
@@ -250,10 +264,10 @@ class Controller:
         self._redis_up.set(1)
         log.warning("Redis answers again: budgets and limits are shared again")
 
-    async def _admit_seeded(self, store: Store, call_id: str, checks: tuple[Check, ...], now: float,
-                            lease_until: float, *, outage: bool = False) -> Admission:
+    async def _admit_seeded(self, store: Store, call_id: str, checks: tuple[Check, ...], amounts: tuple[int, ...],
+                            now: float, lease_until: float, *, outage: bool = False) -> Admission:
         for _ in range(3):
-            admission = await store.admit(call_id, checks, now, lease_until)
+            admission = await store.admit(call_id, checks, amounts, now, lease_until)
             if not admission.need_seed:
                 return admission
             for i in admission.need_seed:
@@ -291,8 +305,10 @@ class Controller:
             log.error("Redis is unreachable (%s): budgets and limits are enforced in process, each hard budget "
                       "lending this replica at most %s of its limit, until it answers again", exc, self.credit)
 
-    def _refusal(self, checks: tuple[Check, ...], admission: Admission, index: int) -> Exception:
+    def _refusal(self, checks: tuple[Check, ...], amounts: tuple[int, ...], admission: Admission,
+                 index: int) -> Exception:
         c = checks[index]
+        amount = amounts[index]
         used = admission.used[index] if admission.used else 0
         if c.kind == "budget":
             spent = admission.spent[index] if admission.spent else 0
@@ -300,12 +316,12 @@ class Controller:
             return BudgetExceeded(
                 f"Budget exceeded for {c.scope}: {c.window.kind} {c.window.period} limit {_money(c.limit)} "
                 f"{c.currency}, spent {_money(spent)}, reserved by calls in flight {_money(used - spent)}, "
-                f"this call may cost up to {_money(c.amount)}; {_when(c.window.reset)}.")
+                f"this call may cost up to {_money(amount)}; {_when(c.window.reset)}.")
         if c.kind == "rate":
-            wait = (c.amount - used) / c.per_second if c.per_second else 60
+            wait = (amount - used) / c.per_second if c.per_second else 60
             what = "requests" if c.name == "rpm" else "tokens"
             return RateLimited(f"Rate limit reached for {c.scope} on {what} per min ({c.name.upper()}): limit "
-                               f"{c.limit}, remaining {max(int(used), 0)}, requested {c.amount}. Please try "
+                               f"{c.limit}, remaining {max(int(used), 0)}, requested {amount}. Please try "
                                f"again in {wait:.1f}s.", wait, tokens=c.name == "tpm")
         return RateLimited(f"Too many calls in flight for {c.scope}: the limit is {c.limit} at once. Please try "
                            "again when one has finished.", 1, concurrency=True)
@@ -346,39 +362,44 @@ class Controller:
         """Replace the call's reservations by what its record says it cost. Never raises."""
         if ticket is None:
             return
-        actual = tuple(self._actual(c, record) for c in ticket.checks)
+        actual = self._actual(ticket, record)
         now = self.clock()
+        call_id, checks, amounts = ticket.call_id, ticket.checks, ticket.amounts
         if not self.shared or ticket.local:
-            self.local.settle_now(ticket.call_id, ticket.checks, actual, now)
+            self.local.settle_now(call_id, checks, amounts, actual, now)
             if ticket.local:
                 # Redis never reserved this call: tell it what was spent (TPM tokens included)
-                checks = tuple(c.with_amount(0) if c.name == "tpm" else c for c in ticket.checks)
-                self._replay.append((ticket.call_id, checks, actual, now))
+                redis_amounts = tuple(0 if c.name == "tpm" else a for c, a in zip(checks, amounts, strict=True))
+                self._replay.append((call_id, checks, redis_amounts, actual, now))
             return
         if self._down:
-            self._replay.append((ticket.call_id, ticket.checks, actual, now))
+            self._replay.append((call_id, checks, amounts, actual, now))
             return
-        sent = self.store.send_settle(ticket.call_id, ticket.checks, actual, now)  # type: ignore[attr-defined]
+        sent = self.store.send_settle(call_id, checks, amounts, actual, now)  # type: ignore[attr-defined]
         self._pending.add(sent)
-        sent.add_done_callback(lambda fut: self._settled(fut, ticket.call_id, ticket.checks, actual, now))
+        sent.add_done_callback(lambda fut: self._settled(fut, (call_id, checks, amounts, actual, now)))
 
-    def _settled(self, fut: asyncio.Future[Any], call_id: str, checks: tuple[Check, ...], actual: tuple[int, ...],
-                 now: float) -> None:
+    def _settled(self, fut: asyncio.Future[Any], entry: _Replay) -> None:
         self._pending.discard(fut)
         exc = fut.exception() if not fut.cancelled() else StoreUnavailable("the settlement was cancelled")
         if exc is not None:
-            self._replay.append((call_id, checks, actual, now))
+            self._replay.append(entry)
             if isinstance(exc, StoreUnavailable):
                 self._went_down(exc, self.clock())
             else:
-                log.error("settlement of call %s failed: %s", call_id, exc)
+                log.error("settlement of call %s failed: %s", entry[0], exc)
 
-    def _actual(self, check: Check, record: CallRecord) -> int:
-        if check.kind == "budget":
-            return to_units(_in_currency(record.cost, check.currency, self.fx)) if record.cost is not None else 0
-        if check.name == "tpm":
-            return record.usage.input + record.usage.output
-        return check.amount
+    def _actual(self, ticket: Ticket, record: CallRecord) -> tuple[int, ...]:
+        out = []
+        cost = record.cost
+        for check, reserved in zip(ticket.checks, ticket.amounts, strict=True):
+            if check.kind == "budget":
+                out.append(to_units(_in_currency(cost, check.currency, self.fx)) if cost is not None else 0)
+            elif check.name == "tpm":
+                out.append(record.usage.input + record.usage.output)
+            else:
+                out.append(reserved)
+        return tuple(out)
 
     async def close(self) -> None:
         """Let settlements in progress finish, replay what Redis missed, and close."""

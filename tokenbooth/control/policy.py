@@ -10,7 +10,7 @@ currency, so sums stay exact in Redis's Lua (doubles, exact to 2**53: 9 million 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -71,14 +71,13 @@ def window(kind: str, now: float, zone: ZoneInfo) -> Window:
 
 @dataclass(frozen=True, slots=True)
 class Check:
-    """One limit a call is admitted against. ``amount`` is what this call reserves of it."""
+    """One limit a call is admitted against (what a call reserves of it is passed beside it)."""
 
     kind: Kind
     key: str  # the store key, e.g. "tb:{acme}:b:t:month:2026-12"
     scope: str  # for messages: "tenant 'acme'" or "key key_ab12 (tenant 'acme')"
     tenant: str
     limit: int  # budget units, bucket capacity, or calls in flight
-    amount: int = 0
     name: str = ""  # budget window kind, "rpm"/"tpm", or "concurrency"
     hard: bool = True
     per_second: float = 0.0  # token bucket refill
@@ -86,9 +85,6 @@ class Check:
     window: Window | None = None
     key_id: str | None = None  # set for a key's own budget (for seeding from the ledger)
     expire_at: int = 0  # unix seconds at which the store may forget the state; 0: never
-
-    def with_amount(self, amount: int) -> Check:
-        return replace(self, amount=amount)
 
 
 def _tag(tenant: str) -> str:
@@ -113,11 +109,11 @@ def rate_checks(limits: LimitsConfig, *, tenant: str, key_id: str | None) -> lis
     base = f"tb:{{{_tag(tenant)}}}:{owner}"
     out = []
     if limits.rpm:
-        out.append(Check("rate", f"{base}:rpm:{limits.rpm}", scope, tenant, limits.rpm, 1, "rpm",
+        out.append(Check("rate", f"{base}:rpm:{limits.rpm}", scope, tenant, limits.rpm, "rpm",
                          per_second=limits.rpm / 60))
     if limits.tpm:
-        out.append(Check("rate", f"{base}:tpm:{limits.tpm}", scope, tenant, limits.tpm, 0, "tpm",
+        out.append(Check("rate", f"{base}:tpm:{limits.tpm}", scope, tenant, limits.tpm, "tpm",
                          per_second=limits.tpm / 60))
     if limits.concurrency:
-        out.append(Check("concurrency", f"{base}:conc", scope, tenant, limits.concurrency, 1, "concurrency"))
+        out.append(Check("concurrency", f"{base}:conc", scope, tenant, limits.concurrency, "concurrency"))
     return out

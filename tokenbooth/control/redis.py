@@ -26,6 +26,7 @@ _LUA = Path(__file__).with_name("lua")
 _KIND = {"budget": "b", "rate": "r", "concurrency": "c"}
 EPOCH_KEY = "tb:epoch"
 SETTLED_TTL = 3600  # seconds a settled call's marker keeps a replayed settlement from counting twice
+SETTLE_DEFER = 0.002  # seconds a settlement may wait to share a write with the next command
 
 
 def _script(name: str) -> str:
@@ -101,11 +102,12 @@ class RedisStore:
     async def ping(self) -> None:
         await self._run("ping", (), ())
 
-    async def admit(self, call_id: str, checks: Sequence[Check], now: float, lease_until: float) -> Admission:
+    async def admit(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], now: float,
+                    lease_until: float) -> Admission:
         args: list[Any] = [call_id, f"{now:.3f}", f"{lease_until:.3f}", int(lease_until - now) + 60]
-        for c in checks:
+        for c, amount in zip(checks, amounts, strict=True):
             param = (1 if c.hard else 0) if c.kind == "budget" else f"{c.per_second:.6f}"
-            args += (_KIND[c.kind], c.limit, c.amount, param, _ttl(c, now))
+            args += (_KIND[c.kind], c.limit, amount, param, _ttl(c, now))
         reply = await self._run("admit", _keys(call_id, checks), args)
         verdict = reply[0]
         if verdict == b"dup":
@@ -116,26 +118,31 @@ class RedisStore:
         spent = tuple(float(v) for v in reply[3])
         return Admission(refused=int(reply[1]) - 1 if verdict == b"refused" else None, used=used, spent=spent)
 
-    async def settle(self, call_id: str, checks: Sequence[Check], actual: Sequence[int], now: float) -> None:
+    @staticmethod
+    def _settle_args(call_id: str, checks: Sequence[Check], amounts: Sequence[int], actual: Sequence[int],
+                     now: float) -> list[Any]:
         args: list[Any] = [call_id, f"{now:.3f}", SETTLED_TTL]
-        for c, amount in zip(checks, actual, strict=True):
-            args += (_KIND[c.kind], c.limit, c.amount, amount, f"{c.per_second:.6f}")
-        await self._run("settle", _keys(call_id, checks), args)
+        for c, reserved, used in zip(checks, amounts, actual, strict=True):
+            args += (_KIND[c.kind], c.limit, reserved, used, f"{c.per_second:.6f}")
+        return args
 
-    def send_settle(self, call_id: str, checks: Sequence[Check], actual: Sequence[int],
+    async def settle(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], actual: Sequence[int],
+                     now: float) -> None:
+        await self._run("settle", _keys(call_id, checks), self._settle_args(call_id, checks, amounts, actual, now))
+
+    def send_settle(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], actual: Sequence[int],
                     now: float) -> asyncio.Future[Any]:
         """``settle`` without waiting for the answer: the command goes out now and the returned
         future ends with it (``StoreUnavailable`` on failure). No task is made when the
         connection is up and the script known, which is every call but the first."""
-        args: list[Any] = [call_id, f"{now:.3f}", SETTLED_TTL]
-        for c, amount in zip(checks, actual, strict=True):
-            args += (_KIND[c.kind], c.limit, c.amount, amount, f"{c.per_second:.6f}")
+        args = self._settle_args(call_id, checks, amounts, actual, now)
         keys = _keys(call_id, checks)
         sha = self._sha.get("settle")
         if sha is None or not self.conn.ready():
             return asyncio.ensure_future(self._run("settle", keys, args))
         t0 = time.perf_counter()
-        sent = self.conn.send("EVALSHA", sha, len(keys), *keys, *args)
+        # held back a moment: at one call at a time it goes out with the next admission, in one write
+        sent = self.conn.send("EVALSHA", sha, len(keys), *keys, *args, defer=SETTLE_DEFER)
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         def finished(fut: asyncio.Future[Any]) -> None:

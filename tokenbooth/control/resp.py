@@ -66,6 +66,24 @@ class _Protocol(asyncio.Protocol):
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: BaseException | None = None
+        self.held: list[bytes] = []  # deferred commands, written with the next command or by the flush timer
+        self.flush: asyncio.TimerHandle | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.held:
+            self.held.append(data)
+            data = b"".join(self.held)
+            self.held.clear()
+        if self.flush is not None:
+            self.flush.cancel()
+            self.flush = None
+        if self.transport is not None and self.lost is None:
+            self.transport.write(data)
+
+    def write_held(self) -> None:
+        self.flush = None
+        if self.held:
+            self.write(b"")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -133,13 +151,19 @@ class RedisConnection:
             if self._connecting is not None and self._connecting.done():
                 self._connecting = None
 
-    def _send(self, proto: _Protocol, args: Sequence[Any]) -> asyncio.Future[Any]:
+    def _send(self, proto: _Protocol, args: Sequence[Any], defer: float = 0.0) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         assert proto.transport is not None
-        proto.waiting.append(fut)
-        proto.transport.write(hiredis.pack_command(tuple(args)))
-        timer = loop.call_later(self.timeout, self._expire, proto, fut)
+        proto.waiting.append(fut)  # replies come in the order the commands are written: held ones first
+        data = hiredis.pack_command(tuple(args))
+        if defer > 0:
+            proto.held.append(data)
+            if proto.flush is None:
+                proto.flush = loop.call_later(defer, proto.write_held)
+        else:
+            proto.write(data)
+        timer = loop.call_later(self.timeout + defer, self._expire, proto, fut)
         fut.add_done_callback(lambda _: timer.cancel())
         return fut
 
@@ -153,10 +177,14 @@ class RedisConnection:
         """Whether a connection is open, so :meth:`send` may be used."""
         return self._proto is not None and self._proto.lost is None
 
-    def send(self, *args: Any) -> asyncio.Future[Any]:
-        """Send one command on the open connection (see :meth:`ready`); the future holds its reply."""
+    def send(self, *args: Any, defer: float = 0.0) -> asyncio.Future[Any]:
+        """Send one command on the open connection (see :meth:`ready`); the future holds its reply.
+
+        ``defer`` > 0 holds the command back for up to that many seconds, to go out in one write
+        with the next command (one syscall and one wake-up of Redis for both), or alone after it.
+        """
         assert self._proto is not None
-        return self._send(self._proto, args)
+        return self._send(self._proto, args, defer)
 
     async def execute(self, *args: Any) -> Any:
         """Send one command and return its reply; raises ``RedisReplyError``, ``TimeoutError`` or
@@ -167,4 +195,5 @@ class RedisConnection:
     async def close(self) -> None:
         proto, self._proto = self._proto, None
         if proto is not None and proto.transport is not None:
+            proto.write_held()
             proto.transport.close()

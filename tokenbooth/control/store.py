@@ -18,9 +18,10 @@
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from tokenbooth.control.policy import Check
 
@@ -52,9 +53,13 @@ class Admission:
 
 
 class Store(Protocol):
-    async def admit(self, call_id: str, checks: Sequence[Check], now: float, lease_until: float) -> Admission: ...
+    """``amounts[i]`` is what a call reserves of ``checks[i]``; ``actual[i]`` what it really used."""
 
-    async def settle(self, call_id: str, checks: Sequence[Check], actual: Sequence[int], now: float) -> None: ...
+    async def admit(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], now: float,
+                    lease_until: float) -> Admission: ...
+
+    async def settle(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], actual: Sequence[int],
+                     now: float) -> None: ...
 
     async def seed(self, check: Check, spent: int) -> None: ...
 
@@ -102,7 +107,8 @@ class MemoryStore:
         self._budgets: dict[str, _Budget] = {}
         self._buckets: dict[str, _Bucket] = {}
         self._inflight: dict[str, dict[str, float]] = {}  # key -> call -> lease expiry
-        self._settled: dict[str, float] = {}  # call -> when it was settled (idempotency)
+        self._settled: set[str] = set()  # recently settled calls (idempotency), oldest first in _order
+        self._order: deque[str] = deque()
         self._admitted: set[str] = set()
 
     def _budget(self, check: Check) -> _Budget:
@@ -122,83 +128,78 @@ class MemoryStore:
 
     def _calls(self, check: Check, now: float) -> dict[str, float]:
         calls = self._inflight.setdefault(check.key, {})
-        for call in [c for c, expiry in calls.items() if expiry <= now]:
-            del calls[call]
+        if calls and min(calls.values()) <= now:
+            for call in [c for c, expiry in calls.items() if expiry <= now]:
+                del calls[call]
         return calls
 
-    async def admit(self, call_id: str, checks: Sequence[Check], now: float, lease_until: float) -> Admission:
-        if call_id in self._admitted:
-            return Admission(used=self._used(checks, now), spent=self._spent(checks))
+    async def admit(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], now: float,
+                    lease_until: float) -> Admission:
+        states: list[Any] = []
         need = []
         refused = None
         for i, check in enumerate(checks):
+            amount = amounts[i]
+            state: Any
             if check.kind == "budget":
                 state = self._budget(check)
                 state.purge(now)
                 if not state.seeded:
                     need.append(i)
-                elif check.hard and state.spent + state.reserved + check.amount > check.limit and refused is None:
+                elif check.hard and refused is None and state.spent + state.reserved + amount > check.limit:
                     refused = i
             elif check.kind == "rate":
-                if self._bucket(check, now).tokens < check.amount and refused is None:
+                state = self._bucket(check, now)
+                if refused is None and state.tokens < amount:
                     refused = i
-            elif len(self._calls(check, now)) >= check.limit and refused is None:
-                refused = i
+            else:
+                state = self._calls(check, now)
+                if refused is None and len(state) >= check.limit:
+                    refused = i
+            states.append(state)
         if need:
             return Admission(need_seed=tuple(need))
-        if refused is not None:
-            return Admission(refused=refused, used=self._used(checks, now), spent=self._spent(checks))
-        for check in checks:
-            if check.kind == "budget":
-                state = self._budget(check)
-                state.reserved += check.amount
-                state.leases[call_id] = (check.amount, lease_until)
-                heapq.heappush(state.expiries, (lease_until, call_id))
-            elif check.kind == "rate":
-                self._bucket(check, now).tokens -= check.amount
-            else:
-                self._calls(check, now)[call_id] = lease_until
-        self._admitted.add(call_id)
-        return Admission(used=self._used(checks, now), spent=self._spent(checks))
+        if refused is None and call_id not in self._admitted:
+            for check, amount, state in zip(checks, amounts, states, strict=True):
+                if check.kind == "budget":
+                    state.reserved += amount
+                    state.leases[call_id] = (amount, lease_until)
+                    heapq.heappush(state.expiries, (lease_until, call_id))
+                elif check.kind == "rate":
+                    state.tokens -= amount
+                else:
+                    state[call_id] = lease_until
+            self._admitted.add(call_id)
+        used = tuple(st.spent + st.reserved if c.kind == "budget" else st.tokens if c.kind == "rate" else len(st)
+                     for c, st in zip(checks, states, strict=True))
+        spent = tuple(st.spent if c.kind == "budget" else 0 for c, st in zip(checks, states, strict=True))
+        return Admission(refused=refused, used=used, spent=spent)
 
-    def _used(self, checks: Sequence[Check], now: float) -> tuple[float, ...]:
-        out: list[float] = []
-        for check in checks:
-            if check.kind == "budget":
-                state = self._budget(check)
-                out.append(state.spent + state.reserved)
-            elif check.kind == "rate":
-                out.append(self._bucket(check, now).tokens)
-            else:
-                out.append(len(self._inflight.get(check.key, ())))
-        return tuple(out)
+    async def settle(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], actual: Sequence[int],
+                     now: float) -> None:
+        self.settle_now(call_id, checks, amounts, actual, now)
 
-    def _spent(self, checks: Sequence[Check]) -> tuple[float, ...]:
-        return tuple(self._budget(c).spent if c.kind == "budget" else 0 for c in checks)
-
-    async def settle(self, call_id: str, checks: Sequence[Check], actual: Sequence[int], now: float) -> None:
-        self.settle_now(call_id, checks, actual, now)
-
-    def settle_now(self, call_id: str, checks: Sequence[Check], actual: Sequence[int], now: float) -> None:
+    def settle_now(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], actual: Sequence[int],
+                   now: float) -> None:
         """``settle`` without a coroutine: in-process state needs no waiting."""
         if call_id in self._settled:
             return
         self._admitted.discard(call_id)
-        self._settled[call_id] = now
-        if len(self._settled) > 100_000:  # idempotency needs only the recent past
-            for old in [c for c, t in self._settled.items() if t < now - 3600][:50_000]:
-                del self._settled[old]
-        for check, amount in zip(checks, actual, strict=True):
+        self._settled.add(call_id)
+        self._order.append(call_id)
+        if len(self._order) > 10_000:  # idempotency needs only the recent past
+            self._settled.discard(self._order.popleft())
+        for check, reserved, used in zip(checks, amounts, actual, strict=True):
             if check.kind == "budget":
                 state = self._budget(check)
                 lease = state.leases.pop(call_id, None)
                 if lease is not None:
                     state.reserved -= lease[0]
-                state.spent += amount
+                state.spent += used
             elif check.kind == "rate":
-                if check.amount != amount:  # TPM: what was reserved, corrected to what was used
+                if reserved != used:  # TPM: what was reserved, corrected to what was used
                     bucket = self._bucket(check, now)
-                    bucket.tokens = min(float(check.limit), bucket.tokens + check.amount - amount)
+                    bucket.tokens = min(float(check.limit), bucket.tokens + reserved - used)
             else:
                 self._inflight.get(check.key, {}).pop(call_id, None)
 

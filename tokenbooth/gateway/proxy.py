@@ -219,8 +219,9 @@ class Proxy:
             price = prices.lookup(target_model, provider=up.provider, upstream=up.name)
             if price is None:
                 continue
-            amount = max(cost_of(price, TokenUsage(input=tokens_in, output=out)),
-                         cost_of(price, TokenUsage(input=tokens_in, output=out, reasoning=out)))
+            # the output may all be reasoning: priced at the dearer of the two rates
+            reasoning = out if price.reasoning > price.output else 0
+            amount = cost_of(price, TokenUsage(input=tokens_in, output=out, reasoning=reasoning))
             usd = amount * prices.fx[price.currency]
             if worst is None or usd > worst.usd:
                 worst = Cost(amount, price.currency, usd, price.source)
