@@ -300,3 +300,14 @@ def test_the_ledger_settings_reach_the_writer(make_gateway: Callable[..., Gatewa
     writer = gw.gateway.ledger
     assert writer is not None
     assert (writer.spill_path, writer.max_queue, writer.batch_size) == (spill, 123, 7)
+
+
+def test_the_gateways_own_refusals_are_counted_by_reason(gateway: GatewayHandle, sim: SimHandle) -> None:
+    url = gateway.url
+    assert httpx.post(f"{url}/chat/completions", content=b"{not json").status_code == 400
+    assert httpx.post(f"{url}/chat/completions", json={"messages": []}).status_code == 400
+    assert httpx.get(f"{url}/chat/completions").status_code == 405
+    assert httpx.get(f"{gateway.base}/v2/nothing").status_code == 404
+    assert gateway.sample("tokenbooth_rejected_requests_total", reason="invalid_request") == 2
+    assert gateway.sample("tokenbooth_rejected_requests_total", reason="not_found") == 2
+    assert sim.stats()["total"] == 0
