@@ -101,7 +101,8 @@ CATALOG: tuple[MetricSpec, ...] = (
     _spec("tokenbooth_budget_limit_usd", "gauge", "A tenant's budget limit for its window, in US dollars.",
           "tenant window", multiprocess_mode="livemax"),
     _spec("tokenbooth_redis_up", "gauge",
-          "1 while Redis answers; 0 while budgets and limits are enforced in process instead.",
+          "1 while Redis answers; 0 while budgets and limits are enforced in process instead (and on a "
+          "gateway with no redis.url).",
           multiprocess_mode="livemin"),
     _spec("tokenbooth_redis_errors_total", "counter", "Redis commands that failed or timed out, by operation.",
           "operation"),

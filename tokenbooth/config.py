@@ -356,8 +356,18 @@ class RedisConfig(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+        if v is None:
+            return v
+        if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018  # raises on a port that is not a number
+            db = parts.path.strip("/") if not v.startswith("unix://") else "0"
+            if db and not db.isdigit():
+                raise ValueError
+        except ValueError:
+            raise ValueError("is not a valid Redis URL (redis://[:password@]host:port/db)") from None
         return v
 
 
@@ -417,6 +427,7 @@ class StackConfig(_Model):
     cost_per_hour: Decimal = Field(Decimal(25), gt=0)
     cost_per_day: Decimal = Field(Decimal(400), gt=0)
     cost_per_month: Decimal = Field(Decimal(10000), gt=0)  # alerts when the 6 h burn projects past it
+    budget_warning_ratio: float = Field(0.8, gt=0, lt=1)  # share of a tenant's budget spent before a warning
     pushgateway_stale: float = Field(3600.0, ge=60)  # seconds since a batch job's last push
     slo_availability: float = Field(0.995, ge=0.95, lt=1)  # page alerts need a budget under 1/14.4
     slo_latency: float = Field(30.0, gt=0)  # seconds; must be a bucket of the duration histogram

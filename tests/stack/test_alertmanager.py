@@ -73,3 +73,20 @@ def test_a_critical_inhibits_the_warning_of_the_same_alertname_and_model(alertma
     assert states[("warning", "gpt-4o")]["inhibitedBy"]
     assert states[("critical", "gpt-4o")]["state"] == "active"
     assert states[("warning", "gpt-4o-mini")]["state"] == "active"  # another model: not inhibited
+
+
+def test_a_keys_mode_gateway_gets_its_admin_key_from_alertmanager(tmp_path: Path) -> None:
+    from tokenbooth.config import load_settings
+    from tokenbooth.stack.render import init_stack, stack_files
+
+    for mode, expected in (("keys", {"type": "Bearer", "credentials_file": "secrets/gateway_admin_key"}),
+                           ("open", None)):
+        settings = load_settings(overrides={"auth": {"mode": mode}}, environ={})
+        directory = tmp_path / mode
+        init_stack(directory, stack_files(settings, chat=["dingtalk"]))
+        config = load(directory / "alertmanager.yml")
+        hooks = [h for r in config["receivers"] for h in r.get("webhook_configs", ())
+                 if "/alertmanager/webhook/" in h["url"]]
+        assert hooks and all(h.get("http_config", {}).get("authorization") == expected for h in hooks)
+        assert run("amtool", ["check-config", "alertmanager.yml"], directory).returncode == 0
+    assert "gateway_admin_key" in (tmp_path / "keys" / "secrets" / "README.md").read_text()

@@ -43,13 +43,14 @@ def test_init_takes_thresholds_from_the_config_file_and_flags_and_check_passes(t
     directory = tmp_path / "monitoring"
     proc = tb("stack", "init", str(directory), "--config", str(config), "--error-rate", "0.01",
               "--latency-p95", "12", "--ttft-p95", "1.3", "--slo-availability", "0.999", "--slo-latency", "10",
-              "--min-requests", "50", "--chat", "dingtalk", "--chat", "feishu")
+              "--min-requests", "50", "--budget-warning-ratio", "0.9", "--chat", "dingtalk", "--chat", "feishu")
     assert proc.returncode == 0, proc.stderr
     assert "wrote 16 files" in proc.stdout
     alerts = (directory / "rules/alerts.yml").read_text()
     assert "ratio_rate5m > 0.01\n" in alerts  # the flag wins over the file's 0.02
     assert "/ 0.14 > 150" in alerts and "/ 0.14 > 2000" in alerts  # CNY budgets against the USD metric
     assert "time() - push_time_seconds > 86400" in alerts
+    assert "max by (tenant, window) (tokenbooth_budget_used_ratio) >= 0.9\n" in alerts
     assert 'le="10.0"' in (directory / "rules/recording.yml").read_text()
     services = load(directory / "docker-compose.yml")["services"]
     assert set(services) == {"tokenbooth", "prometheus", "alertmanager", "pushgateway", "grafana"}

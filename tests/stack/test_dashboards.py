@@ -99,3 +99,24 @@ def test_the_dashboard_check_names_what_is_wrong(stack_dir: Path, tmp_path: Path
     assert "calls histogram_quantile() on something other than sum by (le, ...)" in result.detail
     assert "does not parse as PromQL" in result.detail
     assert run_checks(broken)[0].detail.endswith(f"write it with `tokenbooth stack init {broken}`")
+
+
+def test_cost_dashboard_shows_budgets_and_refusals_and_internals_shows_redis(stack_dir: Path) -> None:
+    boards = _boards(stack_dir)
+    cost = {p["title"]: p for p in boards["cost.json"]["panels"]}
+    used = cost["Budget used by tenant and window"]
+    assert used["type"] == "bargauge" and used["targets"][0]["expr"].startswith(
+        "sort_desc(max by (tenant, window) (tokenbooth_budget_used_ratio))")
+    steps = [(s["value"], s["color"]) for s in used["fieldConfig"]["defaults"]["thresholds"]["steps"]]
+    assert steps == [(None, "green"), (0.8, "orange"), (1, "red")]
+    assert cost["Budget used over time"]["fieldConfig"]["defaults"]["thresholds"]["steps"][1:] == \
+        used["fieldConfig"]["defaults"]["thresholds"]["steps"][1:]
+    assert [t["legendFormat"] for t in cost["Budget spent and limit"]["targets"]] == [
+        "{{tenant}} {{window}} spent", "{{tenant}} {{window}} limit"]
+    assert "tokenbooth_rejected_requests_total" in cost["Calls refused per minute by reason"]["targets"][0]["expr"]
+    internals = {p["title"]: p for p in boards["internals.json"]["panels"]}
+    assert "Redis" in internals
+    # tokenbooth_redis_up is 0 in gateways without Redis: the panel keeps only those that use it.
+    assert "tokenbooth_redis_duration_seconds_count" in internals["Redis by instance"]["targets"][0]["expr"]
+    assert "sum by (le, operation)" in internals["Redis latency P99 by operation"]["targets"][0]["expr"]
+    assert "tokenbooth_redis_errors_total" in internals["Redis errors per minute by operation"]["targets"][0]["expr"]

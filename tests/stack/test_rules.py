@@ -33,7 +33,9 @@ F12 = {  # PRODUCT.md F12 and the issue, each to the alert that covers it
     "Pushgateway stale": "TokenboothPushgatewayStale", "tool error rate": "TokenboothToolErrorRate",
     "circuit open": "TokenboothCircuitOpen", "availability SLO": "TokenboothAvailabilityBurnRate",
     "latency SLO": "TokenboothLatencyBurnRate", "ledger behind": "TokenboothLedgerBehind",
-    "ledger rows failed": "TokenboothLedgerRowsFailed",
+    "ledger rows failed": "TokenboothLedgerRowsFailed", "tenant budget nearly spent": "TokenboothBudgetNearlySpent",
+    "tenant budget exhausted or refusing calls": "TokenboothBudgetExhausted",
+    "tenant budget burn rate": "TokenboothBudgetBurnRate", "Redis unreachable": "TokenboothRedisUnreachable",
 }
 
 
@@ -141,6 +143,14 @@ def test_the_unit_tests_catch_broken_rules(stack_dir: Path, tmp_path: Path) -> N
         "client errors": _mutant(stack_dir, tmp_path / "client", "healthy",
                                  lambda r: _set(r, "provider_model:tokenbooth_requests_failed:rate5m",
                                                 ',error_type!~"bad_request|context_length"', "")),
+        # Budget burn projected across a window reset: the drop at midnight reads as a trend.
+        "reset": _mutant(stack_dir, tmp_path / "reset", "TokenboothBudgetBurnRate: a day budget",
+                         lambda r: _set(r, "TokenboothBudgetBurnRate", "\n  unless\n    tokenbooth_budget_spent_usd < "
+                                        "max_over_time(tokenbooth_budget_spent_usd[6h])", "")),
+        # tokenbooth_redis_up alone: every gateway without Redis exports it at 0.
+        "no redis": _mutant(stack_dir, tmp_path / "redis", "no traffic",
+                            lambda r: _set(r, "TokenboothRedisUnreachable", "\nand on (job, instance) count by "
+                                           "(job, instance) (tokenbooth_redis_duration_seconds_count)", "")),
     }
     proc = run("promtool", ["test", "rules", *map(str, mutants.values())])
     assert proc.returncode != 0
@@ -149,6 +159,8 @@ def test_the_unit_tests_catch_broken_rules(stack_dir: Path, tmp_path: Path) -> N
         assert "FAILED" in sections[str(path)], (what, sections[str(path)])
     assert "alertname: TokenboothHighErrorRate" in sections[str(mutants["threshold"])]
     assert "provider_model:tokenbooth_requests_failed:ratio_rate5m" in sections[str(mutants["nan"])]
+    assert "alertname: TokenboothBudgetBurnRate, time: 1d" in sections[str(mutants["reset"])]
+    assert "alertname: TokenboothRedisUnreachable" in sections[str(mutants["no redis"])]
 
 
 def test_fast_profile_scales_every_window_and_for_duration() -> None:

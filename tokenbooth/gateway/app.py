@@ -39,6 +39,7 @@ __all__ = ["Gateway", "build_gateway"]
 
 log = logging.getLogger("tokenbooth.gateway")
 
+REJECT_REASONS = ("auth", "budget", "rate_limit", "concurrency", "invalid_request", "not_found")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 _JSON = (b"content-type", b"application/json")
 
@@ -54,6 +55,8 @@ class Gateway:
         self.ledger = ledger
         self.control: Controller | None = proxy.control
         self._rejected = proxy.meter.metrics.rejected
+        for reason in REJECT_REASONS:  # at 0 from the start, so the first refusal shows in increase()
+            self._rejected.labels(reason)
         self._admin_key = settings.auth.admin_key() if settings.auth_mode == "keys" else None
         self.notifier = Notifier(settings.notify)  # Alertmanager webhooks -> chat robots
         # Request ids: a random per-process prefix and a counter, unique without a syscall per call.

@@ -62,6 +62,8 @@ class AlertmanagerOptions:
     smtp_smarthost: str = "smtp.example.com:587"
     smtp_from: str = "alertmanager@example.com"
     ticket_webhook: str = "http://ticket-bridge.example.com:8080/alertmanager"
+    # the gateway runs in keys mode: its webhook endpoints need the admin key, read from secrets/
+    gateway_admin_key: bool = False
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.chat if c not in CHAT_KINDS]
@@ -79,6 +81,10 @@ def alertmanager_config(profile: Profile, options: AlertmanagerOptions = Alertma
     if options.chat:
         chat["webhook_configs"] = [{"url": f"{options.gateway_url}/alertmanager/webhook/{kind}", "send_resolved": True}
                                    for kind in options.chat]
+        if options.gateway_admin_key:
+            for hook in chat["webhook_configs"]:
+                hook["http_config"] = {"authorization": {"type": "Bearer",
+                                                         "credentials_file": "secrets/gateway_admin_key"}}
     return {
         "global": {
             "resolve_timeout": profile.d(300),

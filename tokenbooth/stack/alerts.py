@@ -1,12 +1,14 @@
 """Alert rules (PRODUCT.md F12), built from the thresholds in :class:`~tokenbooth.config.StackConfig`.
 
 Every alert carries ``severity`` (``critical`` pages, ``warning`` goes to chat or a ticket) and
-``team`` (``platform``, or ``finance`` for cost), a ``summary`` and a ``description``; its runbook
-is in :mod:`tokenbooth.stack.runbook`. Some alerts come at two severities under one name, so
-Alertmanager can inhibit the warning while the critical fires.
+``team`` (``platform``, or ``finance`` for cost and budgets), a ``summary`` and a ``description``; its
+runbook is in :mod:`tokenbooth.stack.runbook`. Some alerts come at two severities under one name, so
+Alertmanager can inhibit the warning while the critical fires; ``TokenboothBudgetExhausted`` is two
+rules under one name (a budget spent, or calls refused for budget), told apart by their labels.
 
 No alert can fire without traffic: ratios only exist when there were calls
 (:mod:`~tokenbooth.stack.recording`), and ratio alerts also need ``min_requests`` calls in the window.
+Budget gauges only exist for tenants with budgets, once a call of theirs was admitted.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from tokenbooth.config import StackConfig
 from tokenbooth.stack.profile import Profile
-from tokenbooth.stack.recording import HOUR, MINUTE, SHORT, RuleNames
+from tokenbooth.stack.recording import DAY, HOUR, MINUTE, SHORT, RuleNames
 
 __all__ = ["Alert", "AlertSet", "alert_set"]
 
@@ -74,11 +76,12 @@ class AlertSet:
         """Every alert, in file order."""
         return [a for alerts in self.groups.values() for a in alerts]
 
-    def by_name(self, name: str, severity: str | None = None) -> Alert:
-        """The alert with this name (and severity, for the names that come at two)."""
-        found = [a for a in self.all() if a.name == name and severity in (None, a.severity)]
+    def by_name(self, name: str, severity: str | None = None, labels: Mapping[str, str] | None = None) -> Alert:
+        """The alert with this name (and severity, or extra labels, for the names that come as two rules)."""
+        found = [a for a in self.all()
+                 if a.name == name and severity in (None, a.severity) and labels in (None, a.labels)]
         if len(found) != 1:
-            raise KeyError(f"{name} ({severity or 'any severity'}): {len(found)} alerts")
+            raise KeyError(f"{name} ({severity or 'any severity'}, labels {labels}): {len(found)} alerts")
         return found[0]
 
     def rule_groups(self, profile: Profile) -> list[dict[str, Any]]:
@@ -179,6 +182,50 @@ def _cost(s: StackConfig, fx: Decimal, p: Profile, n: RuleNames) -> list[Alert]:
     ]
 
 
+# How far ahead TokenboothBudgetBurnRate projects the last 6 hours' spend, by budget window. The
+# time left in a calendar window depends on budgets.timezone, which PromQL cannot follow, so the
+# horizons are fixed: a day budget is judged on the next 6 hours, a month or total budget on the
+# next 3 days (early enough to act, short enough that a 6-hour trend still means something).
+BUDGET_HORIZONS = (("day", 6 * HOUR), ("month|total", 3 * DAY))
+_TENANT = "Tenant {{ $labels.tenant }}"
+_WINDOW = "{{ $labels.window }}"
+
+
+def _budgets(s: StackConfig, p: Profile) -> list[Alert]:
+    used = "max by (tenant, window) (tokenbooth_budget_used_ratio)"
+    spent, look = "tokenbooth_budget_spent_usd", p.d(6 * HOUR)
+    projected = "\n    or\n".join(
+        f'      predict_linear({spent}{{window{"=~" if "|" in w else "="}"{w}"}}[{look}], {_num(p.s(h))})'
+        for w, h in BUDGET_HORIZONS)
+    horizons = ", ".join(f"{p.d(h)} for a {w.replace('|', ' or ')} budget" for w, h in BUDGET_HORIZONS)
+    # Spend only grows within a window: a sample under the window's maximum means the window reset
+    # (a new day or month) within the lookback, and a trend across the drop is no trend.
+    burn = (f"max by (tenant, window) (\n    (\n{projected}\n    )\n"
+            f"  unless\n    {spent} < max_over_time({spent}[{look}])\n)\n"
+            "/ on (tenant, window) max by (tenant, window) (tokenbooth_budget_limit_usd) > 1\n"
+            f"and on (tenant, window) {used} < 1")
+    return [
+        Alert("TokenboothBudgetNearlySpent", "warning", "finance", f"{used} >= {_num(s.budget_warning_ratio)}",
+              5 * MINUTE, f"{_TENANT}: {_PCT} of its {_WINDOW} budget spent",
+              f"{_TENANT} has spent {_PCT} of its {_WINDOW} budget (threshold {_pct(s.budget_warning_ratio)}). "
+              "At the limit, a hard budget refuses the tenant's calls until the window resets; a soft one only "
+              "counts."),
+        Alert("TokenboothBudgetExhausted", "critical", "finance", f"{used} >= 1", 0,
+              f"{_TENANT}: {_WINDOW} budget spent ({_PCT})",
+              f"{_TENANT} has spent {_PCT} of its {_WINDOW} budget. Over a soft budget its calls go on and are "
+              "billed; at a hard one they are refused until the window resets."),
+        Alert("TokenboothBudgetExhausted", "critical", "finance",
+              f'sum(increase(tokenbooth_rejected_requests_total{{reason="budget"}}[{p.d(SHORT)}])) > 0', 0,
+              f"{_INT} calls refused for budget in the last {p.d(SHORT)}",
+              f"The gateway refused {_INT} calls over the last {p.d(SHORT)} because they could take a hard budget "
+              "of their tenant or key past its limit (HTTP 429, insufficient_quota).", {"reason": "budget"}),
+        Alert("TokenboothBudgetBurnRate", "warning", "finance", burn, 30 * MINUTE,
+              f"{_TENANT}: {_WINDOW} budget heading for {_PCT} of its limit",
+              f"At the rate of the last {look}, tenant {{{{ $labels.tenant }}}}'s {_WINDOW} budget would reach {_PCT} "
+              f"of its limit within {horizons}. A window that reset within the last {look} is not projected."),
+    ]
+
+
 def _platform(s: StackConfig, p: Profile) -> list[Alert]:
     return [
         Alert("TokenboothInstanceDown", "critical", "platform", 'up{job=~"tokenbooth.*"} == 0', 2 * MINUTE,
@@ -208,6 +255,15 @@ def _platform(s: StackConfig, p: Profile) -> list[Alert]:
               "Circuit of upstream {{ $labels.upstream }} is not closed",
               "The circuit breaker of upstream {{ $labels.upstream }} has been open or half-open for "
               f"{p.d(2 * MINUTE)} (state {_INT}: 1 half-open, 2 open): calls to it fail fast or fall back."),
+        # tokenbooth_redis_up is 0 in every process without Redis too (an unlabelled gauge starts at 0);
+        # the Redis latency histogram only has series where Redis is configured and was tried.
+        Alert("TokenboothRedisUnreachable", "critical", "platform",
+              "min by (job, instance) (tokenbooth_redis_up) == 0\n"
+              "and on (job, instance) count by (job, instance) (tokenbooth_redis_duration_seconds_count)",
+              MINUTE, "{{ $labels.instance }}: Redis unreachable, budgets and limits enforced per replica",
+              "The gateway on {{ $labels.instance }} has not reached Redis for " + p.d(MINUTE) + ". It keeps "
+              "serving: rate and concurrency limits hold per replica, and each hard budget lends this replica at "
+              "most redis.outage_credit of its limit (1% by default). Settlements are replayed when Redis answers."),
     ]
 
 
@@ -246,5 +302,6 @@ def alert_set(stack: StackConfig, fx: Decimal, profile: Profile) -> AlertSet:
         "tokenbooth.alerts.traffic": _traffic(stack, profile, names),
         "tokenbooth.alerts.slo": _slo(stack, profile, names),
         "tokenbooth.alerts.cost": _cost(stack, fx, profile, names),
+        "tokenbooth.alerts.budgets": _budgets(stack, profile),
         "tokenbooth.alerts.platform": _platform(stack, profile),
     }, names)

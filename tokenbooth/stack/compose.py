@@ -38,6 +38,7 @@ SECRETS_README = """\
 | `slack_api_url` | the Slack incoming-webhook URL, one line |
 | `pagerduty_routing_key` | the PagerDuty Events API v2 integration (routing) key |
 | `smtp_password` | the password of the SMTP account in `alertmanager.yml` (`smtp_auth_username`) |
+| `gateway_admin_key` | in keys mode (`auth.mode: keys`): the gateway's admin key (what `auth.admin_key_env` names) |
 
 Chat robots (DingTalk, WeCom, Feishu, Slack via the gateway's adapter) are configured on the
 gateway: see `notify:` in the tokenbooth configuration and the environment in `docker-compose.yml`.

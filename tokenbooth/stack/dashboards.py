@@ -1,9 +1,9 @@
 """Grafana dashboards as code (PRODUCT.md F14), built with Grafana Labs' ``grafana-foundation-sdk``.
 
 Four dashboards: *overview* (traffic, success, latency, TTFT, tokens, cost, errors), *cost and
-tenants*, *agents* and *gateway internals*. Every panel and variable uses the provisioned data
-source (``uid: tokenbooth-prometheus``); every query reads catalog metrics or the recording
-rules of :mod:`tokenbooth.stack.recording`.
+tenants* (budgets included), *agents* and *gateway internals* (Redis included). Every panel and
+variable uses the provisioned data source (``uid: tokenbooth-prometheus``); every query reads
+catalog metrics or the recording rules of :mod:`tokenbooth.stack.recording`.
 
 The JSON ships in ``tokenbooth/stack/grafana/``, so ``stack init`` needs no SDK; after a change
 here, regenerate it with ``python -m tokenbooth.stack.dashboards`` (a test checks they match).
@@ -16,20 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from grafana_foundation_sdk.builders import bargauge, prometheus, stat, statetimeline, timeseries
-from grafana_foundation_sdk.builders.common import ReduceDataOptions, StackingConfig
-from grafana_foundation_sdk.builders.dashboard import Dashboard, DashboardLink, QueryVariable, Row
+from grafana_foundation_sdk.builders.common import GraphThresholdsStyleConfig, ReduceDataOptions, StackingConfig
+from grafana_foundation_sdk.builders.dashboard import Dashboard, DashboardLink, QueryVariable, Row, ThresholdsConfig
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.common import StackingMode
+from grafana_foundation_sdk.models.common import GraphTresholdsStyleMode, StackingMode
 from grafana_foundation_sdk.models.dashboard import (
     DashboardCursorSync,
     DashboardLinkType,
     DataSourceRef,
+    Threshold,
+    ThresholdsMode,
     ValueMap,
     ValueMappingResult,
     VariableRefresh,
     VariableSort,
 )
 
+from tokenbooth.config import StackConfig
 from tokenbooth.stack.compose import DATASOURCE_UID
 from tokenbooth.stack.profile import PRODUCTION
 from tokenbooth.stack.recording import HOUR, RuleNames
@@ -177,10 +180,19 @@ def overview() -> dict[str, Any]:
                        _variable("model", "tokenbooth_requests_total")], rows)
 
 
+def _budget_steps() -> ThresholdsConfig:
+    """Green, orange from the default warning ratio (TokenboothBudgetNearlySpent), red at the limit."""
+    warning = StackConfig().budget_warning_ratio
+    return ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps(
+        [Threshold(None, "green"), Threshold(warning, "orange"), Threshold(1, "red")])
+
+
 def cost() -> dict[str, Any]:
-    """Spend by model, provider and tenant; tokens; unpriced calls; the month's projection."""
+    """Spend by model, provider and tenant; budgets and refusals; tokens; unpriced calls; the month's projection."""
     cost_total = f"tokenbooth_cost_usd_total{{{F}}}"
     tokens = f'tokenbooth_tokens_total{{{F},type=~"input|output"}}'
+    used = "max by (tenant, window) (tokenbooth_budget_used_ratio)"  # replicas' views: the latest is the highest
+    warning = f"{StackConfig().budget_warning_ratio:.0%}"
     rows: list[tuple[str, list[Panel]]] = [
         ("Spend", [
             single("Cost today", f"sum(increase({cost_total}[$__range]))", "currencyUSD", "Since midnight.", "now/d"),
@@ -203,6 +215,25 @@ def cost() -> dict[str, Any]:
                stacked=True),
             bars("Tokens by tenant, selected range", f"sort_desc(sum by (tenant) (increase({tokens}[$__range])))",
                  "{{tenant}}", "short", "Input and output tokens; needs tenant labels enabled."),
+        ]),
+        ("Budgets", [
+            bars("Budget used by tenant and window", f"sort_desc({used})", "{{tenant}} {{window}}", "percentunit",
+                 "Spent / limit of each tenant budget in its current day, month or total window; orange from "
+                 f"{warning} (TokenboothBudgetNearlySpent with the default threshold), red at the limit. Key "
+                 "budgets: `tokenbooth budgets`.").min(0).max(1).thresholds(_budget_steps()),
+            ts("Budget used over time", [(used, "{{tenant}} {{window}}")], "percentunit",
+               "The same ratio over time; it drops when a window resets. Dashed lines: warning and limit.")
+            .min(0).thresholds(_budget_steps())
+            .thresholds_style(GraphThresholdsStyleConfig().mode(GraphTresholdsStyleMode.DASHED)),
+            ts("Budget spent and limit", [("max by (tenant, window) (tokenbooth_budget_spent_usd)",
+                                           "{{tenant}} {{window}} spent"),
+                                          ("max by (tenant, window) (tokenbooth_budget_limit_usd)",
+                                           "{{tenant}} {{window}} limit")],
+               "currencyUSD", "Spend in the current window against the limit, in US dollars."),
+            ts("Calls refused per minute by reason", [(
+                f"sum by (reason) (rate(tokenbooth_rejected_requests_total[{RI}])) * 60", "{{reason}}")], "short",
+               "Calls the gateway refused itself: budget (a hard budget of the tenant or key), rate_limit, "
+               "concurrency, auth, invalid_request, not_found.", stacked=True),
         ]),
         ("Tokens", [
             ts("Tokens per minute by type", [(f"sum by (type) ({N.tokens_per_minute()}{{{F}}})", "{{type}}")], "short",
@@ -270,6 +301,14 @@ def internals() -> dict[str, Any]:
                                     "1": ValueMappingResult(text="half-open", color="orange", index=1),
                                     "2": ValueMappingResult(text="open", color="red", index=2)})])
                .with_target(_target("max by (upstream) (tokenbooth_circuit_state)", "{{upstream}}", "A")))
+    redis = (statetimeline.Panel().title("Redis by instance").datasource(DS).span(24).height(6)
+              .description("shared: budgets and limits are kept in Redis; in process: Redis is unreachable, limits "
+                           "hold per replica and each hard budget lends it redis.outage_credit of its limit. No row: "
+                           "no Redis configured.")
+              .mappings([ValueMap({"1": ValueMappingResult(text="shared", color="green", index=0),
+                                   "0": ValueMappingResult(text="in process", color="red", index=1)})])
+              .with_target(_target("min by (instance) (tokenbooth_redis_up)\nand on (instance) count by (instance) "
+                                   "(tokenbooth_redis_duration_seconds_count)", "{{instance}}", "A")))
     rows: list[tuple[str, list[Panel]]] = [
         ("Resilience", [
             ts("Retries per minute", [(
@@ -291,6 +330,17 @@ def internals() -> dict[str, Any]:
             ts("In-flight calls by instance", [("sum by (instance) (tokenbooth_in_flight_requests)", "{{instance}}")],
                "short", "Calls started and not yet finished, per gateway."),
         ]),
+        ("Redis", [
+            redis,
+            ts("Redis errors per minute by operation", [(
+                f"sum by (operation) (rate(tokenbooth_redis_errors_total[{RI}])) * 60", "{{operation}}")], "short",
+               "Commands that failed or timed out (redis.timeout); each sends the replica to in-process limits.",
+               stacked=True),
+            ts("Redis latency P99 by operation", [(
+                "histogram_quantile(0.99, sum by (le, operation) "
+                f"(rate(tokenbooth_redis_duration_seconds_bucket[{RI}])))", "{{operation}}")], "s",
+               "Round trip of admit, settle and seed scripts and pings, per operation."),
+        ]),
         ("Targets", [
             ts("Scrape targets up", [('up{job=~"tokenbooth.*"}', "{{job}} {{instance}}")], "short",
                "1 up, 0 down (TokenboothInstanceDown fires after 2 minutes at 0)."),
@@ -302,7 +352,8 @@ def internals() -> dict[str, Any]:
         ]),
     ]
     return _dashboard("tokenbooth-internals", "tokenbooth gateway internals",
-                      "Retries, fallbacks, circuit breakers, the ledger queue and the monitoring itself.", [], rows)
+                      "Retries, fallbacks, circuit breakers, the ledger queue, Redis and the monitoring itself.", [],
+                      rows)
 
 
 def build_dashboards() -> dict[str, dict[str, Any]]:

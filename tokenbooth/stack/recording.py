@@ -23,7 +23,8 @@ from prometheus_client.utils import floatToGoString
 from tokenbooth.config import StackConfig
 from tokenbooth.stack.profile import Profile, format_duration
 
-__all__ = ["CLIENT_ERRORS", "HOUR", "MINUTE", "SHORT", "SLO_WINDOWS", "RuleNames", "le_label", "recording_groups"]
+__all__ = ["CLIENT_ERRORS", "DAY", "HOUR", "MINUTE", "SHORT", "SLO_WINDOWS", "RuleNames", "le_label",
+           "recording_groups"]
 
 MINUTE = 60
 HOUR = 3600

@@ -65,7 +65,8 @@ def stack_files(settings: Settings, *, profile: Profile = PRODUCTION, chat: Sequ
     _bounded(stack, "ttft_p95", TTFT_BUCKETS)
     fx = fx_rate(settings)
     try:
-        am = AlertmanagerOptions(chat=tuple(chat), gateway_url=gateway_url)
+        am = AlertmanagerOptions(chat=tuple(chat), gateway_url=gateway_url,
+                                 gateway_admin_key=settings.auth_mode == "keys")
     except ValueError as exc:
         raise UsageError(f"--chat: {exc}") from None
     alerts = alert_set(stack, fx, profile)

@@ -4,8 +4,8 @@ Each alert gets a fault case: healthy traffic, the fault it is for, healthy traf
 test checks it is silent before, fires with its exact labels and annotations during, and is
 resolved after. Two shared cases keep every alert silent: healthy traffic (small error rates
 under every threshold, client mistakes over them, a model with no error series at all) and no
-traffic (every series present and flat). Faults are sized from the thresholds, so the tests
-written next to a user's rules test that user's numbers.
+traffic (every series present and flat; no budget gauges, and Redis not configured). Faults are
+sized from the thresholds, so the tests written next to a user's rules test that user's numbers.
 
 Series are sampled every minute; rules are evaluated every 30 minutes (every fault lasts long
 enough for its ``for:``), which keeps the whole file to a few seconds of promtool.
@@ -21,7 +21,7 @@ from typing import Any
 
 from tokenbooth.catalog import DURATION_BUCKETS, TTFT_BUCKETS
 from tokenbooth.config import StackConfig
-from tokenbooth.stack.alerts import Alert, AlertSet
+from tokenbooth.stack.alerts import BUDGET_HORIZONS, Alert, AlertSet
 from tokenbooth.stack.recording import recording_groups
 from tokenbooth.stack.series import Calls, Timeline, quantize, render
 
@@ -29,6 +29,7 @@ __all__ = ["rule_tests"]
 
 GPT = {"provider": "openai", "model": "gpt-4o"}
 GATEWAY = {"job": "tokenbooth", "instance": "gateway:8080"}
+REPLICA = {"job": "tokenbooth", "instance": "gateway-2:8080"}
 
 
 @dataclass(frozen=True)
@@ -198,15 +199,63 @@ def _cost_cases(a: AlertSet, s: StackConfig, fx: Decimal) -> list[Case]:
     return cases
 
 
+def _budget_cases(a: AlertSet, s: StackConfig) -> list[Case]:
+    cases = []
+    acme = {"tenant": "acme", "window": "month"}
+    limit = 1000.0
+    for name, share in (("TokenboothBudgetNearlySpent", _above(s.budget_warning_ratio)),
+                        ("TokenboothBudgetExhausted", 1.25)):  # a soft budget, a quarter over
+        t = Timeline(150)
+        t.budget("acme", "month", limit, limit * s.budget_warning_ratio / 2, 0, 29, target=GATEWAY)
+        t.budget("acme", "month", limit, limit * share, 30, 89, target=GATEWAY)
+        t.budget("acme", "month", limit, 0.0, 90, target=GATEWAY)  # the month turns
+        cases.append(Case(f"{name}: {share:.0%} of a month budget spent, then the month turns", t)
+                     .fault(name, 0, 60, 120, [Expect(a.by_name(name, labels={}), acme, share)]))
+    t = Timeline(150)
+    refused = {**GATEWAY, "reason": "budget"}
+    t.add("tokenbooth_rejected_requests_total", refused, 0)
+    t.add("tokenbooth_rejected_requests_total", refused, 2, 30, 90)
+    t.add("tokenbooth_rejected_requests_total", {**GATEWAY, "reason": "rate_limit"}, 5)  # not a budget
+    name = "TokenboothBudgetExhausted"
+    cases.append(Case(f"{name}: the gateway refuses 2 calls a minute for budget", t)
+                 .fault(name, 0, 60, 120, [Expect(a.by_name(name, labels={"reason": "budget"}), {}, 10.0)]))
+    horizon = {w: h / 60 for w, h in BUDGET_HORIZONS}  # minutes
+    name = "TokenboothBudgetBurnRate"
+    # A month budget: a tenth spent, then 0.5 USD a minute for 7 hours (3 days of that is 2160 USD).
+    t = Timeline(900)
+    t.budget("acme", "month", limit, 100.0, 0, 60, target=GATEWAY)
+    t.budget("acme", "month", limit, 100.0, 60, 480, 0.5, target=GATEWAY)
+    t.budget("acme", "month", limit, 310.0, 480, target=GATEWAY)  # the spending stops
+    value = (280.0 + 0.5 * horizon["month|total"]) / limit
+    cases.append(Case(f"{name}: a month budget spending 0.5 USD a minute", t)
+                 .fault(name, 30, 420, 900, [Expect(a.by_name(name), acme, value)]))
+    # A day budget of 100 USD: 10 spent by 17:00, then a burst until midnight, when the day turns
+    # and the gauge drops: the fall is a new window, not spending going backwards.
+    day = {"tenant": "acme", "window": "day"}
+    t = Timeline(1800)
+    t.budget("acme", "day", 100.0, 10.0, 0, 1020, target=GATEWAY)
+    t.budget("acme", "day", 100.0, 10.0, 1020, 1439, 0.1875, target=GATEWAY)
+    t.budget("acme", "day", 100.0, 0.0, 1440, None, 0.03125, target=GATEWAY)
+    value = (10.0 + 0.1875 * (390 + horizon["day"])) / 100.0
+    case = Case(f"{name}: a day budget bursting until midnight, then the day turns", t)
+    case.checks.append((1800, name, []))
+    cases.append(case.fault(name, 990, 1410, 1440, [Expect(a.by_name(name), day, value)]))
+    return cases
+
+
 def _platform_cases(a: AlertSet, s: StackConfig) -> list[Case]:
     cases = []
     for name, metric, labels, bad in (
         ("TokenboothInstanceDown", "up", GATEWAY, 0.0),
         ("TokenboothCircuitOpen", "tokenbooth_circuit_state", {"upstream": "primary"}, 2.0),
         ("TokenboothLedgerBehind", "tokenbooth_ledger_queue_depth", GATEWAY, 2.0 * s.ledger_queue),
+        ("TokenboothRedisUnreachable", "tokenbooth_redis_up", GATEWAY, 0.0),
     ):
         t = Timeline(120)
-        good = 1.0 if metric == "up" else 0.0
+        if metric == "tokenbooth_redis_up":  # Redis is configured on both replicas; one loses it
+            _redis(t, GATEWAY)
+            _redis(t, REPLICA)
+        good = 1.0 if metric in ("up", "tokenbooth_redis_up") else 0.0
         t.set(metric, labels, good, 0, 29)
         t.set(metric, labels, bad, 30, 89)
         t.set(metric, labels, good, 90)
@@ -238,6 +287,15 @@ def _platform_cases(a: AlertSet, s: StackConfig) -> list[Case]:
     cases.append(Case(f"{name}: no push for {fire - last} minutes", t)
                  .fault(name, last, fire, resume + 30, [Expect(a.by_name(name), job, (fire - last) * 60.0)]))
     return cases
+
+
+def _redis(t: Timeline, target: dict[str, str]) -> None:
+    """A gateway with Redis configured and answering: its latency histogram has series (admit calls)."""
+    for le in ("0.001", "+Inf"):
+        t.add("tokenbooth_redis_duration_seconds_bucket", {**target, "operation": "admit", "le": le}, 100)
+    t.add("tokenbooth_redis_duration_seconds_count", {**target, "operation": "admit"}, 100)
+    t.add("tokenbooth_redis_duration_seconds_sum", {**target, "operation": "admit"}, 0.05)
+    t.set("tokenbooth_redis_up", target, 1.0)
 
 
 def _slo_cases(a: AlertSet, s: StackConfig) -> list[Case]:
@@ -292,6 +350,15 @@ def _healthy(a: AlertSet, s: StackConfig, fx: Decimal) -> Case:
     t.set("tokenbooth_ledger_rows_total", {**GATEWAY, "result": "failed"}, 0)
     t.set("up", GATEWAY, 1)
     t.set("up", {"job": "tokenbooth-pushgateway", "instance": "pushgateway:9091"}, 1)
+    # Budgets well under the warning, spending slowly enough that no projection reaches the limit.
+    w = s.budget_warning_ratio
+    t.budget("acme", "month", 1000.0, 250.0 * w, 0, None, 250.0 * w / (480 + 4320), target=GATEWAY)
+    t.budget("acme", "day", 100.0, 25.0 * w, 0, None, 25.0 * w / (480 + 360), target=GATEWAY)
+    t.budget("beta", "total", 50.0, 25.0 * w, target=GATEWAY)
+    t.add("tokenbooth_rejected_requests_total", {**GATEWAY, "reason": "budget"}, 0)
+    t.add("tokenbooth_rejected_requests_total", {**GATEWAY, "reason": "rate_limit"}, 5)
+    _redis(t, GATEWAY)
+    _redis(t, REPLICA)
     every = _push_every(s)
     for m in range(481):
         t.set("push_time_seconds", {"job": "nightly-report"}, (m - m % every) * 60.0, m, m)
@@ -310,6 +377,9 @@ def _no_traffic(a: AlertSet) -> Case:
     t.set("tokenbooth_ledger_queue_depth", GATEWAY, 0)
     t.set("tokenbooth_ledger_rows_total", {**GATEWAY, "result": "failed"}, 0)
     t.set("up", GATEWAY, 1)
+    # Without Redis the gateway still exports tokenbooth_redis_up, at 0, and no Redis latency.
+    t.set("tokenbooth_redis_up", GATEWAY, 0)
+    t.add("tokenbooth_rejected_requests_total", {**GATEWAY, "reason": "budget"}, 0)
     case = Case("no traffic: every alert silent, no ratio or quantile (no NaN)", t)
     n = a.names
     for expr in (n.failed_ratio(), n.failed_ratio(3 * 86400), n.slow_ratio(), n.error_type_ratio(), n.latency(95),
@@ -342,7 +412,8 @@ def rule_tests(alerts: AlertSet, stack: StackConfig, fx: Decimal, rule_files: Se
     """The promtool test file for these alerts (built with the production profile) and thresholds."""
     if alerts.names.p.scale != 1:
         raise ValueError("rule tests are written for the production profile")
-    cases = [*_traffic_cases(alerts, stack), *_cost_cases(alerts, stack, fx), *_platform_cases(alerts, stack),
+    cases = [*_traffic_cases(alerts, stack), *_cost_cases(alerts, stack, fx), *_budget_cases(alerts, stack),
+             *_platform_cases(alerts, stack),
              *_slo_cases(alerts, stack), _healthy(alerts, stack, fx), _no_traffic(alerts)]
     if stack.min_requests > 1:
         cases.append(_trickle(alerts))

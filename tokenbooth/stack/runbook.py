@@ -73,6 +73,32 @@ Spending in the last 24 hours is above the daily budget.
 At the rate of the last 6 hours the month would end over budget.
 - `tokenbooth report --by month` shows month to date and the projection.
 - A temporary burst resolves itself as the 6-hour rate falls; a new steady rate needs a budget decision.""",
+    "TokenboothBudgetNearlySpent": """\
+A tenant has spent most of one of its budgets (day, month or total) in the current window.
+- `tokenbooth budgets` shows each budget's limit, spent, reserved, remaining and when it resets; *Cost and
+  tenants* → *Budgets* shows which tenants are close.
+- `tokenbooth report --by tenant` and `tokenbooth report --by key --since $(date -u +%F)` show which tenant and
+  which of its keys spend (`tokenbooth keys list` maps key ids to names).
+- Decide with the tenant's owner: raise the limit in `tenants.NAME.budgets`, or let a hard budget refuse calls
+  at the limit. Key budgets have no gauge (keys never become labels): only refusals show them.""",
+    "TokenboothBudgetExhausted": """\
+A budget is spent: with `reason="budget"`, the gateway is refusing calls (HTTP 429, `insufficient_quota`)
+because a hard budget of their tenant or key would be exceeded; with `tenant` and `window`, a tenant's budget
+gauge reached its limit (a soft budget keeps serving and billing).
+- `tokenbooth budgets` names the budget at its limit, what calls in flight have reserved, and when it resets.
+- `tokenbooth report --by tenant` and `--by key` show who spent it; `tokenbooth keys list` shows each key's own
+  budgets and limits.
+- If the spend is legitimate, raise the limit (tenant budgets in the config; a key's budgets are set when it
+  is created with `tokenbooth keys create --budget`); if not, revoke the key (`tokenbooth keys revoke ID`).""",
+    "TokenboothBudgetBurnRate": """\
+At the spend rate of the last 6 hours, a tenant's budget would pass its limit soon: within 6 hours for a day
+budget, within 3 days for a month or total budget. The horizon is fixed, not the time left in the window
+(PromQL cannot follow `budgets.timezone`), so near the end of a day or month this can fire for a budget that
+resets first; the 6-hour trend also exaggerates a burst.
+- `tokenbooth budgets` for spent, remaining and the reset time; `tokenbooth report --by key --since
+  $(date -u +%F)` for which key spends (`tokenbooth keys list` names it).
+- A runaway agent or batch job: throttle its key (`--rpm`, `--tpm`) or revoke it. Expected growth: raise the
+  budget before a hard one starts refusing calls.""",
     "TokenboothInstanceDown": """\
 Prometheus cannot scrape a target: the gateway (or Pushgateway) is down, restarting, or unreachable.
 - `curl http://TARGET/metrics`; the process manager's or container's logs.
@@ -98,6 +124,17 @@ The gateway stopped calling an upstream after repeated failures; calls fail fast
 - *Gateway internals* → circuit state and fallbacks; the upstream's errors show in *Errors by type*.
 - It closes by itself when a probe after the cooldown succeeds; if the upstream is gone for good, remove it
   from the routes.""",
+    "TokenboothRedisUnreachable": """\
+A gateway replica cannot reach Redis, where budgets and rate limits are shared. It keeps serving: each replica
+enforces rate and concurrency limits on its own (so N replicas allow up to N times a limit), and each hard budget
+lends each replica at most `redis.outage_credit` (default 1 %) of its limit, never more than was left when
+Redis last answered. Settlements made meanwhile are replayed when Redis answers again.
+- The gateway's log says why (`Redis is unreachable (...)`); check Redis itself (`redis-cli -u URL ping`),
+  the network between them, and `redis.url` and `redis.timeout` in the config.
+- *Gateway internals* → *Redis*: errors by operation and P99 latency; a slow Redis (over `redis.timeout`,
+  0.25 s by default) counts as unreachable.
+- A long outage lets spend run past hard budgets by up to `outage_credit` × replicas: check `tokenbooth budgets`
+  afterwards.""",
     "TokenboothAvailabilityBurnRate": """\
 Failures are spending the availability objective's error budget faster than it lasts. Critical: at this rate
 the month's budget is gone within days (page). Warning: it runs out before the month ends (ticket).

@@ -3,8 +3,9 @@
 A :class:`Timeline` holds counters (as increments per minute) and gauges (as values per minute)
 under the catalog's metric names and labels, and writes them in promtool's expanding notation
 (``0+100x59 6000+500x30``). :meth:`Timeline.calls` turns "N calls a minute to this model, this
-many failing, this fast" into every series the gateway would export for them, so a test reads
-as traffic, not as numbers.
+many failing, this fast" into every series the gateway would export for them, and
+:meth:`Timeline.budget` "this tenant spends so much of its budget a minute" into its budget
+gauges, so a test reads as traffic, not as numbers.
 
 :func:`render` expands the few Go-template forms the alert annotations use, the way Prometheus
 does, so a test can state exactly what an alert will say.
@@ -13,7 +14,7 @@ does, so a test can state exactly what an alert will say.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,18 +53,19 @@ def _key(name: str, labels: Mapping[str, str]) -> str:
     return f"{name}{{{inner}}}"
 
 
-def _compress(values: list[float | None], steps: list[float] | None = None) -> str:
+def _compress(values: list[float | None], steps: Sequence[float | None] | None = None) -> str:
     """Values in promtool's notation: runs of equal steps as ``a+bxn``, missing samples as ``_xn``.
 
-    ``steps[j]`` is the exact step from ``values[j-1]`` to ``values[j]`` (counters pass their
-    increments, so float noise in the running total does not split a run).
+    ``steps[j]``, when given, is the exact step from ``values[j-1]`` to ``values[j]`` (counters and
+    rising gauges pass their increments, so float noise in the running total does not split a run).
     """
 
     def step(j: int) -> float | None:
         a, b = values[j - 1], values[j]
         if a is None or b is None:
             return None
-        return steps[j] if steps is not None else b - a
+        given = steps[j] if steps is not None else None
+        return given if given is not None else b - a
 
     out: list[str] = []
     i = 0
@@ -113,6 +115,7 @@ class Timeline:
         self.minutes = minutes
         self._counters: dict[str, list[float]] = {}
         self._gauges: dict[str, list[float | None]] = {}
+        self._gauge_steps: dict[str, list[float | None]] = {}
 
     def add(self, name: str, labels: Mapping[str, str], per_minute: float, start: int = 0,
             end: int | None = None) -> None:
@@ -122,11 +125,28 @@ class Timeline:
             inc[m] += quantize(per_minute)
 
     def set(self, name: str, labels: Mapping[str, str], value: float | None, start: int = 0,
-            end: int | None = None) -> None:
-        """Set a gauge to ``value`` (``None``: no sample) from ``start`` to ``end``, both included."""
-        vals = self._gauges.setdefault(_key(name, labels), [None] * (self.minutes + 1))
+            end: int | None = None, per_minute: float = 0.0) -> None:
+        """Set a gauge to ``value`` (``None``: no sample) from ``start`` to ``end``, both included,
+        rising by ``per_minute`` each minute after ``start`` (summed as promtool sums ``a+bxn``)."""
+        key = _key(name, labels)
+        vals = self._gauges.setdefault(key, [None] * (self.minutes + 1))
+        steps = self._gauge_steps.setdefault(key, [None] * (self.minutes + 1))
         for m in range(start, (self.minutes if end is None else end) + 1):
+            if m > start and value is not None:
+                value += per_minute
+                steps[m] = per_minute
+            else:
+                steps[m] = None
             vals[m] = value
+
+    def budget(self, tenant: str, window: str, limit: float, spent: float, start: int = 0, end: int | None = None,
+               per_minute: float = 0.0, target: Mapping[str, str] | None = None) -> None:
+        """A tenant's budget gauges as a gateway exports them: ``spent`` USD of ``limit`` at ``start``,
+        rising ``per_minute`` up to ``end``; ``target`` adds the scrape's job and instance labels."""
+        labels = {**(target or {}), "tenant": tenant, "window": window}
+        self.set("tokenbooth_budget_spent_usd", labels, spent, start, end, per_minute)
+        self.set("tokenbooth_budget_limit_usd", labels, limit, start, end)
+        self.set("tokenbooth_budget_used_ratio", labels, spent / limit, start, end, per_minute / limit)
 
     def calls(self, c: Calls, start: int = 0, end: int | None = None) -> None:
         """Every series the gateway exports for these calls: requests, latency, TTFT, tokens, cost."""
@@ -174,7 +194,7 @@ class Timeline:
                 values.append(total)
             out.append({"series": key, "values": _compress(list(values), inc)})
         for key, vals in self._gauges.items():
-            out.append({"series": key, "values": _compress(vals)})
+            out.append({"series": key, "values": _compress(vals, self._gauge_steps[key])})
         return out
 
 
