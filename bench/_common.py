@@ -306,19 +306,21 @@ def start_simulator(procs: Processes) -> str:
     return m.group(0)
 
 
-def tokenbooth_command(upstream: str, port: int, db: Path) -> list[str]:
-    """``tokenbooth serve`` in the one-line form, metering and SQLite ledger on (the defaults)."""
-    return [*TB, "serve", "--upstream", upstream, "--port", str(port), "--db", f"sqlite:///{db}",
+def tokenbooth_command(upstream: str, port: int, db: Path, config: Path | None = None) -> list[str]:
+    """``tokenbooth serve`` in the one-line form, metering and SQLite ledger on (the defaults);
+    with ``config``, that YAML file supplies every other setting (the flags still win)."""
+    extra = ["--config", str(config)] if config is not None else []
+    return [*TB, "serve", *extra, "--upstream", upstream, "--port", str(port), "--db", f"sqlite:///{db}",
             "--log-level", "warning"]
 
 
-def start_tokenbooth(procs: Processes, upstream: str, db: Path,
-                     log: Path | None = None) -> tuple[subprocess.Popen[str], str]:
-    """Start ``tokenbooth serve`` on the gateway CPU with metering and an SQLite ledger at ``db``;
-    returns the process and its ``/v1`` URL once ``/healthz`` answers. Its output goes to ``log``
-    when given (else stderr stays on the terminal)."""
+def start_tokenbooth(procs: Processes, upstream: str, db: Path, log: Path | None = None,
+                     config: Path | None = None) -> tuple[subprocess.Popen[str], str]:
+    """Start ``tokenbooth serve`` on the gateway CPU with metering and an SQLite ledger at ``db``
+    (and the YAML ``config`` file, if given); returns the process and its ``/v1`` URL once
+    ``/healthz`` answers. Its output goes to ``log`` when given (else stderr stays on the terminal)."""
     port = free_port()
-    cmd = pinned(GATEWAY_CPU, tokenbooth_command(upstream, port, db))
+    cmd = pinned(GATEWAY_CPU, tokenbooth_command(upstream, port, db, config))
     if log is None:
         gw = procs.start(cmd)
     else:
