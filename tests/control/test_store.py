@@ -195,3 +195,16 @@ def test_redis_that_hangs_or_is_gone_is_unavailable_quickly(redis_server: RedisS
         redis_server.resume() if redis_server.proc else None
         runner.close()
         runner.loop.close()
+
+
+def test_in_process_state_stays_small_however_many_calls_settle() -> None:
+    runner = Runner(MemoryStore())
+    b = (budget("100000"), 1)
+    rpm = (rate(rpm=10**9)[0], 1)
+    for _ in range(20_000):
+        call, _ = runner.admit([b, rpm])
+        runner.settle(call, [b, rpm], [1, 1])
+    state = runner.store._budgets[b[0].key.rsplit(":", 1)[0]]  # type: ignore[attr-defined]
+    assert len(state.leases) == 0 and len(state.expiries) <= 64 + 1
+    assert len(runner.store._settled) <= 10_000 and not runner.store._admitted  # type: ignore[attr-defined]
+    runner.loop.close()

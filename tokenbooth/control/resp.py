@@ -66,24 +66,29 @@ class _Protocol(asyncio.Protocol):
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: BaseException | None = None
-        self.held: list[bytes] = []  # deferred commands, written with the next command or by the flush timer
-        self.flush: asyncio.TimerHandle | None = None
+        self.held: list[bytes] = []  # commands not written yet: all of one loop turn go in one write
+        self.flush: asyncio.Handle | None = None
+        self.urgent = False  # a flush at the end of this loop turn is scheduled (not only a deferred one)
 
-    def write(self, data: bytes) -> None:
-        if self.held:
-            self.held.append(data)
-            data = b"".join(self.held)
-            self.held.clear()
-        if self.flush is not None:
-            self.flush.cancel()
-            self.flush = None
-        if self.transport is not None and self.lost is None:
-            self.transport.write(data)
+    def hold(self, data: bytes, loop: asyncio.AbstractEventLoop, defer: float) -> None:
+        """Queue a command: written at the end of this loop turn, or within ``defer`` seconds."""
+        self.held.append(data)
+        if defer <= 0:
+            if not self.urgent:
+                if self.flush is not None:
+                    self.flush.cancel()
+                self.flush = loop.call_soon(self.write_held)
+                self.urgent = True
+        elif self.flush is None:
+            self.flush = loop.call_later(defer, self.write_held)
 
     def write_held(self) -> None:
         self.flush = None
-        if self.held:
-            self.write(b"")
+        self.urgent = False
+        if self.held and self.transport is not None and self.lost is None:
+            data = b"".join(self.held) if len(self.held) > 1 else self.held[0]
+            self.held.clear()
+            self.transport.write(data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -156,13 +161,7 @@ class RedisConnection:
         fut: asyncio.Future[Any] = loop.create_future()
         assert proto.transport is not None
         proto.waiting.append(fut)  # replies come in the order the commands are written: held ones first
-        data = hiredis.pack_command(tuple(args))
-        if defer > 0:
-            proto.held.append(data)
-            if proto.flush is None:
-                proto.flush = loop.call_later(defer, proto.write_held)
-        else:
-            proto.write(data)
+        proto.hold(hiredis.pack_command(tuple(args)), loop, defer)
         timer = loop.call_later(self.timeout + defer, self._expire, proto, fut)
         fut.add_done_callback(lambda _: timer.cancel())
         return fut
@@ -180,8 +179,9 @@ class RedisConnection:
     def send(self, *args: Any, defer: float = 0.0) -> asyncio.Future[Any]:
         """Send one command on the open connection (see :meth:`ready`); the future holds its reply.
 
-        ``defer`` > 0 holds the command back for up to that many seconds, to go out in one write
-        with the next command (one syscall and one wake-up of Redis for both), or alone after it.
+        Commands issued in one turn of the event loop go out in one write at its end (one syscall
+        and one wake-up of Redis for all). ``defer`` > 0 holds the command back for up to that many
+        seconds instead, to go out with the next command, or alone after it.
         """
         assert self._proto is not None
         return self._send(self._proto, args, defer)

@@ -195,6 +195,9 @@ class MemoryStore:
                 lease = state.leases.pop(call_id, None)
                 if lease is not None:
                     state.reserved -= lease[0]
+                    if len(state.expiries) > 2 * len(state.leases) + 64:  # settled leases linger in the heap
+                        state.expiries = [(expiry, c) for c, (_, expiry) in state.leases.items()]
+                        heapq.heapify(state.expiries)
                 state.spent += used
             elif check.kind == "rate":
                 if reserved != used:  # TPM: what was reserved, corrected to what was used
