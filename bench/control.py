@@ -275,19 +275,20 @@ async def gateway_commands(port: int, call_id: str) -> tuple[tuple[Any, ...], tu
                           zone=ZoneInfo("UTC"))
     rpm, tpm = rate_checks(LimitsConfig.model_validate(LIMITS), tenant=TENANT, key_id=None)
     # a chat call of ~30 tokens at max_tokens 16 reserves about this much
-    checks = [budget.with_amount(to_units(Decimal("0.00002"), up=True)), rpm, tpm.with_amount(30)]
+    checks = [budget, rpm, tpm]
+    amounts = [to_units(Decimal("0.00002"), up=True), 1, 30]
     store = RedisStore(f"redis://127.0.0.1:{port}/0")
     recorder = _Recorder(store.conn)
     store.conn = recorder  # type: ignore[assignment]
     try:
-        first = await store.admit("seed-" + call_id, checks, now, now + 600)
+        first = await store.admit("seed-" + call_id, checks, amounts, now, now + 600)
         for i in first.need_seed:  # a new budget is seeded from the ledger first; here it is empty
             await store.seed(checks[i], 0)
         recorder.commands.clear()
-        admission = await store.admit(call_id, checks, now, now + 600)
+        admission = await store.admit(call_id, checks, amounts, now, now + 600)
         if admission.refused is not None or admission.need_seed:
             raise SystemExit(f"the recorded admission was not admitted: {admission}")
-        await store.settle(call_id, checks, [to_units(Decimal("0.000015")), 1, 28], now)
+        await store.settle(call_id, checks, amounts, [to_units(Decimal("0.000015")), 1, 28], now)
     finally:
         await store.close()
     evals = [c for c in recorder.commands if c[0] == "EVALSHA"]

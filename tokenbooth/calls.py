@@ -17,10 +17,10 @@ from tokenbooth.errors import ErrorType
 from tokenbooth.meter import Meter
 from tokenbooth.pricing import PriceBook
 from tokenbooth.record import NO_USAGE, CallRecord, Operation, Outcome, TokenUsage
-from tokenbooth.streams import StreamFollower
-from tokenbooth.tokens import TokenEstimator, differs, usage_from_anthropic, usage_from_openai
+from tokenbooth.streams import AnthropicStream, OpenAIStream, ResponsesStream, StreamFollower
+from tokenbooth.tokens import TokenEstimator, differs, usage_from_anthropic, usage_from_openai, usage_from_responses
 
-__all__ = ["ENDPOINTS", "CallState", "Endpoint", "Format", "Recorder", "response_text"]
+__all__ = ["ENDPOINTS", "CallState", "Endpoint", "Format", "Recorder", "follower_for", "response_text"]
 
 log = logging.getLogger("tokenbooth.calls")
 
@@ -36,17 +36,30 @@ class Endpoint:
     upstream_path: str
     required: str
     fmt: Format = "openai"
+    responses: bool = False  # the OpenAI Responses API: its own response shape and stream events
 
 
 ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": Endpoint(Operation.CHAT, "/chat/completions", "messages"),
     "/v1/completions": Endpoint(Operation.TEXT_COMPLETION, "/completions", "prompt"),
     "/v1/embeddings": Endpoint(Operation.EMBEDDINGS, "/embeddings", "input"),
+    "/v1/responses": Endpoint(Operation.CHAT, "/responses", "input", responses=True),
     "/v1/messages": Endpoint(Operation.CHAT, "/messages", "messages", "anthropic"),
+    "/v1/messages/count_tokens": Endpoint(Operation.COUNT_TOKENS, "/messages/count_tokens", "messages", "anthropic"),
 }
 
-def response_text(parsed: dict[str, Any], fmt: Format) -> str:
+def follower_for(ep: Endpoint, strip_usage: bool = False) -> StreamFollower:
+    """The stream follower for an endpoint's events."""
+    if ep.fmt == "anthropic":
+        return AnthropicStream()
+    return ResponsesStream() if ep.responses else OpenAIStream(strip_usage)
+
+
+def response_text(parsed: dict[str, Any], fmt: Format, responses: bool = False) -> str:
     """The generated text of a non-streamed response, for a local token estimate."""
+    if responses:
+        return "".join(part.get("text") or "" for item in parsed.get("output") or () if isinstance(item, dict)
+                       for part in (item.get("content") or ()) if isinstance(part, dict))
     if fmt == "anthropic":
         return "".join(b.get("text", "") for b in parsed.get("content") or () if isinstance(b, dict))
     parts = []
@@ -87,11 +100,18 @@ class CallState:
 
     def read_response(self, parsed: dict[str, Any], ep: Endpoint) -> None:
         """Take what a successful non-streamed response says: usage, text, served model."""
+        if ep.operation is Operation.COUNT_TOKENS:  # counting tokens uses none: nothing to bill or estimate
+            self.reported, self.output_text, self.served_model = NO_USAGE, None, None
+            self.outcome = Outcome.SUCCESS
+            return
         if ep.fmt == "anthropic":
             self.reported = usage_from_anthropic(parsed.get("usage"))
+        elif ep.responses:
+            self.reported = usage_from_responses(parsed.get("usage"))
         else:
             self.reported = usage_from_openai(parsed.get("usage"))
-        self.output_text = response_text(parsed, ep.fmt) if ep.operation is not Operation.EMBEDDINGS else ""
+        self.output_text = response_text(parsed, ep.fmt, ep.responses) if ep.operation is not Operation.EMBEDDINGS \
+            else ""
         served = parsed.get("model")
         self.served_model = served if isinstance(served, str) else None
         self.outcome = Outcome.SUCCESS

@@ -216,7 +216,7 @@ def render_markdown() -> str:
         "- `outcome`: success, error, cancelled.",
         "- `error_type`: \"\" on success; rate_limited, auth, bad_request, context_length, server_error,",
         "  timeout_connect, timeout_read, connection, cancelled, invalid_response.",
-        "- `operation`: chat, text_completion, embeddings.",
+        "- `operation`: chat, text_completion, embeddings, count_tokens (Anthropic token counting, never billed).",
         "- `reason` (rejected requests): auth, budget, rate_limit, concurrency, invalid_request, not_found.",
         "- `window` (budgets): day, month, total.",
         "- `tenant`: on budgets, the tenants configured with budgets. With `metrics.tenant_labels: true`,",

@@ -17,6 +17,7 @@ class Operation(StrEnum):
     CHAT = "chat"
     TEXT_COMPLETION = "text_completion"
     EMBEDDINGS = "embeddings"
+    COUNT_TOKENS = "count_tokens"  # Anthropic's token counting: recorded, never billed
 
 
 class Outcome(StrEnum):

@@ -93,6 +93,7 @@ class Simulator:
         self.open_streams = 0
         self.client_disconnects = 0
         self.first_content_sent: list[float] = []  # perf_counter() when each stream's first content left
+        self.queries: list[str] = []  # the query string of every API request, in order
         self.estimator = TokenEstimator()
         self.app = web.Application()
         self.app.add_routes([
@@ -100,7 +101,10 @@ class Simulator:
             web.post("/v1/completions", self.completions),
             web.post("/v1/embeddings", self.embeddings),
             web.post("/v1/messages", self.messages),
+            web.post("/v1/responses", self.responses),
+            web.post("/v1/messages/count_tokens", self.count_tokens),
             web.get("/v1/models", self.models),
+            web.get("/v1/models/{model_id}", self.model),
             web.post("/_sim/script", self.set_script),
             web.get("/_sim/stats", self.get_stats),
             web.post("/_sim/reset", self.reset),
@@ -208,7 +212,8 @@ class Simulator:
         if isinstance(fixed, dict):
             n = fixed.get("completion_tokens", fixed.get("output_tokens"))
         if not isinstance(n, int) or n < 1:
-            limit = payload.get("max_tokens") or payload.get("max_completion_tokens")
+            limit = next((payload[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")
+                          if payload.get(k)), None)
             lo, hi = self.config.output_tokens
             n = self.rng.randint(lo, hi)
             if isinstance(limit, int) and limit > 0:
@@ -237,6 +242,7 @@ class Simulator:
     async def _generate(self, request: web.Request, api: str) -> web.StreamResponse:
         """chat / completions (OpenAI) or messages (Anthropic)."""
         self.stats[request.path] += 1
+        self.queries.append(request.query_string)
         try:
             payload = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
@@ -250,6 +256,8 @@ class Simulator:
         model = str(payload.get("model", "gpt-4o-mini"))
         words = self._words(payload, action)
         usage = self._usage(payload, action, model, "".join(words), flavour)
+        if api == "responses" and not isinstance(action.get("usage"), dict):
+            usage = _responses_usage(usage)
         if payload.get("stream"):
             return await self._stream(request, payload, action, api, model, words, usage)
         delay = self._delay(self.config.ttft_ms)
@@ -264,6 +272,8 @@ class Simulator:
             body = {"id": rid, "type": "message", "role": "assistant", "model": model,
                     "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
                     "stop_sequence": None, "usage": usage}
+        elif api == "responses":
+            body = _response_object(rid, created, model, text, usage, "completed")
         elif api == "chat":
             body = {"id": rid, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -276,7 +286,7 @@ class Simulator:
                             headers={"x-request-id": rid})
 
     def _id(self, api: str) -> str:
-        prefix = {"chat": "chatcmpl", "completions": "cmpl", "messages": "msg"}[api]
+        prefix = {"chat": "chatcmpl", "completions": "cmpl", "messages": "msg", "responses": "resp"}[api]
         return f"{prefix}-sim{self.rng.getrandbits(48):012x}"
 
     def _events(self, payload: dict[str, Any], api: str, model: str, words: list[str],
@@ -300,6 +310,8 @@ class Simulator:
                                          "usage": {"output_tokens": usage.get("output_tokens", len(words))}}),
                     ev("message_stop", {})]
             return head, body, tail
+        if api == "responses":
+            return _response_events(rid, int(time.time()), model, words, usage)
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
         created = int(time.time())
         chat = api == "chat"
@@ -367,6 +379,29 @@ class Simulator:
     async def messages(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "messages")
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """The OpenAI Responses API: plain, and streamed as ``event:`` / ``data:`` frames."""
+        return await self._generate(request, "responses")
+
+    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's ``messages.count_tokens``: the prompt's tokens, nothing generated."""
+        self.stats[request.path] += 1
+        self.queries.append(request.query_string)
+        payload = orjson.loads(await request.read())
+        faulted = await self._fault(request, self._action(), "anthropic")
+        if faulted is not None:
+            return faulted
+        tokens = self.estimator.prompt(str(payload.get("model", "")), payload)
+        return web.json_response({"input_tokens": tokens})
+
+    async def model(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        if model_id not in MODELS:
+            return web.json_response({"error": {"message": f"The model '{model_id}' does not exist",
+                                                "type": "invalid_request_error", "code": "model_not_found"}},
+                                     status=404)
+        return web.json_response({"id": model_id, "object": "model", "created": 1700000000, "owned_by": "simulate"})
+
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         self.stats[request.path] += 1
         payload = orjson.loads(await request.read())
@@ -385,3 +420,47 @@ class Simulator:
         usage = fixed if isinstance(fixed, dict) else {"prompt_tokens": tokens, "total_tokens": tokens}
         body = {"object": "list", "data": data, "model": payload.get("model"), "usage": usage}
         return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def _responses_usage(chat: dict[str, Any]) -> dict[str, Any]:
+    """Chat-shaped usage as the Responses API reports it."""
+    return {"input_tokens": chat["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": chat["prompt_tokens_details"]["cached_tokens"]},
+            "output_tokens": chat["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": chat["completion_tokens_details"]["reasoning_tokens"]},
+            "total_tokens": chat["total_tokens"]}
+
+
+def _response_object(rid: str, created: int, model: str, text: str, usage: dict[str, Any] | None,
+                     status: str) -> dict[str, Any]:
+    message = {"type": "message", "id": "msg_" + rid[5:], "status": status, "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    output = [message] if text or status == "completed" else []
+    return {"id": rid, "object": "response", "created_at": created, "status": status, "model": model,
+            "output": output, "usage": usage, "error": None, "incomplete_details": None, "instructions": None,
+            "metadata": {}, "parallel_tool_calls": True, "temperature": 1.0, "tool_choice": "auto", "tools": [],
+            "top_p": 1.0}
+
+
+def _response_events(rid: str, created: int, model: str, words: list[str],
+                     usage: dict[str, Any]) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """A Responses API stream: created, one output_text.delta per word, completed with the usage."""
+    seq = iter(range(10_000))
+    item = "msg_" + rid[5:]
+
+    def ev(kind: str, data: dict[str, Any]) -> bytes:
+        return (b"event: " + kind.encode() + b"\ndata: "
+                + orjson.dumps({"type": kind, "sequence_number": next(seq), **data}) + b"\n\n")
+
+    text = "".join(words)
+    head = [ev("response.created", {"response": _response_object(rid, created, model, "", None, "in_progress")}),
+            ev("response.output_item.added", {"output_index": 0, "item": {"type": "message", "id": item,
+                                                                          "status": "in_progress",
+                                                                          "role": "assistant", "content": []}}),
+            ev("response.content_part.added", {"item_id": item, "output_index": 0, "content_index": 0,
+                                               "part": {"type": "output_text", "text": "", "annotations": []}})]
+    body = [ev("response.output_text.delta", {"item_id": item, "output_index": 0, "content_index": 0, "delta": w})
+            for w in words]
+    tail = [ev("response.output_text.done", {"item_id": item, "output_index": 0, "content_index": 0, "text": text}),
+            ev("response.completed", {"response": _response_object(rid, created, model, text, usage, "completed")})]
+    return head, body, tail

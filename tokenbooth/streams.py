@@ -18,9 +18,9 @@ from typing import Any
 import orjson
 
 from tokenbooth.record import TokenUsage
-from tokenbooth.tokens import usage_from_anthropic, usage_from_openai
+from tokenbooth.tokens import usage_from_anthropic, usage_from_openai, usage_from_responses
 
-__all__ = ["AnthropicStream", "OpenAIStream", "StreamFollower"]
+__all__ = ["AnthropicStream", "OpenAIStream", "ResponsesStream", "StreamFollower"]
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
@@ -183,4 +183,43 @@ class AnthropicStream(StreamFollower):
             self.finished = True
         elif kind == "error":
             self.error = event.get("error")
+        return event
+
+
+_RESPONSES_TEXT = frozenset({"response.output_text.delta", "response.refusal.delta", "response.reasoning_text.delta",
+                             "response.reasoning_summary_text.delta", "response.function_call_arguments.delta"})
+_RESPONSES_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+class ResponsesStream(StreamFollower):
+    """Follows the OpenAI Responses API's events (``event:`` / ``data:`` frames, no ``[DONE]``).
+
+    Usage comes only in the terminal event (``response.completed``, ``response.incomplete`` or
+    ``response.failed``), inside its ``response``; a stream that ends without one is cut short.
+    """
+
+    __slots__ = ()
+
+    def _data(self, payload: bytes) -> dict[str, Any] | None:
+        event = self._json(payload)
+        if event is None:
+            return None
+        kind = event.get("type")
+        if kind in _RESPONSES_TEXT:
+            delta = event.get("delta")
+            if isinstance(delta, str) and delta:
+                self.content_chunks += 1
+                self.text.append(delta)
+        elif kind in _RESPONSES_END or kind == "response.created":
+            response = event.get("response")
+            if isinstance(response, dict):
+                if isinstance(response.get("model"), str):
+                    self.served_model = response["model"]
+                if kind != "response.created":
+                    self.usage = usage_from_responses(response.get("usage"))
+                    self.finished = True
+                    if kind == "response.failed":
+                        self.error = response.get("error") or {"message": "response failed"}
+        elif kind == "error":
+            self.error = event
         return event

@@ -16,7 +16,7 @@ from typing import Any
 from tokenbooth import bpe
 from tokenbooth.record import TokenUsage
 
-__all__ = ["TokenEstimator", "differs", "usage_from_anthropic", "usage_from_openai"]
+__all__ = ["TokenEstimator", "differs", "usage_from_anthropic", "usage_from_openai", "usage_from_responses"]
 
 
 def _int(value: Any) -> int:
@@ -80,6 +80,33 @@ def usage_from_anthropic(usage: Any) -> TokenUsage | None:
     if not (uncached or read or write or output):
         return None
     return TokenUsage(input=uncached + read + write, output=output, cached_input=read, cache_write=write)
+
+
+def usage_from_responses(usage: Any) -> TokenUsage | None:
+    """Read the OpenAI Responses API's ``usage``: cached tokens are inside ``input_tokens``
+    (``input_tokens_details.cached_tokens``, and ``cache_write_tokens`` where a provider reports
+    it), reasoning tokens inside ``output_tokens``, as in chat.
+
+    >>> usage_from_responses({"input_tokens": 2000, "input_tokens_details": {"cached_tokens": 1024},
+    ...                       "output_tokens": 300, "output_tokens_details": {"reasoning_tokens": 100}})
+    TokenUsage(input=2000, output=300, cached_input=1024, cache_write=0, reasoning=100, estimated=False)
+    """
+    if not isinstance(usage, dict):
+        return None
+    prompt = _int(usage.get("input_tokens"))
+    completion = _int(usage.get("output_tokens"))
+    if not prompt and not completion:
+        return None
+    details = usage.get("input_tokens_details")
+    cached = write = 0
+    if isinstance(details, dict):
+        cached = _int(details.get("cached_tokens"))
+        write = _int(details.get("cache_write_tokens") or details.get("cache_creation_tokens"))
+    out_details = usage.get("output_tokens_details")
+    reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
+    cached = min(cached, prompt)
+    return TokenUsage(input=prompt, output=completion, cached_input=cached, cache_write=min(write, prompt - cached),
+                      reasoning=min(reasoning, completion))
 
 
 def differs(reported: int, estimated: int, threshold: float) -> bool:
@@ -177,10 +204,20 @@ class TokenEstimator:
                 if isinstance(m, dict):
                     total += 3 + count(_flatten(m.get("content")))
             return total
+        instructions = payload.get("instructions")  # the Responses API's system prompt
+        extra = count(instructions) if isinstance(instructions, str) else 0
         for key in ("prompt", "input"):
             value = payload.get(key)
             if isinstance(value, str):
-                return count(value)
+                return extra + count(value)
+            if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+                # Responses API input items: messages (content a string or parts) and tool outputs
+                total = extra + 3
+                for item in value:
+                    if isinstance(item, dict):
+                        text = item.get("content", item.get("output", item.get("arguments")))
+                        total += 3 + count(_flatten(text) if not isinstance(text, str) else text)
+                return total
             if isinstance(value, list):
                 return sum(count(v) if isinstance(v, str) else len(v) if isinstance(v, list) else 1
                            for v in value)

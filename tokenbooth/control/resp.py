@@ -71,16 +71,21 @@ class _Protocol(asyncio.Protocol):
         self.urgent = False  # a flush at the end of this loop turn is scheduled (not only a deferred one)
 
     def hold(self, data: bytes, loop: asyncio.AbstractEventLoop, defer: float) -> None:
-        """Queue a command: written at the end of this loop turn, or within ``defer`` seconds."""
+        """Queue a command. ``defer`` > 0: written with the next command, or within ``defer`` seconds.
+        Otherwise the first command of a loop turn goes out at once (with any deferred ones), and
+        the others of that turn together at its end."""
         self.held.append(data)
-        if defer <= 0:
-            if not self.urgent:
-                if self.flush is not None:
-                    self.flush.cancel()
-                self.flush = loop.call_soon(self.write_held)
-                self.urgent = True
-        elif self.flush is None:
-            self.flush = loop.call_later(defer, self.write_held)
+        if defer > 0:
+            if self.flush is None:
+                self.flush = loop.call_later(defer, self.write_held)
+            return
+        if self.urgent:
+            return  # a flush at the end of this turn is due already
+        if self.flush is not None:
+            self.flush.cancel()
+        self.write_held()
+        self.flush = loop.call_soon(self.write_held)
+        self.urgent = True
 
     def write_held(self) -> None:
         self.flush = None

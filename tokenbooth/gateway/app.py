@@ -23,7 +23,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from tokenbooth.catalog import Metrics
 from tokenbooth.config import Settings
 from tokenbooth.control.controller import Controller
-from tokenbooth.errors import AuthError, CircuitOpen, MethodNotAllowed, NotFound, TokenboothError, UpstreamStatusError
+from tokenbooth.errors import (
+    AuthError,
+    CircuitOpen,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+    TokenboothError,
+    UpstreamStatusError,
+)
 from tokenbooth.gateway.notify import PATH_PREFIX as WEBHOOK_PREFIX
 from tokenbooth.gateway.notify import Notifier
 from tokenbooth.gateway.proxy import ENDPOINTS, Proxy, Receive, Send
@@ -122,7 +130,8 @@ class Gateway:
                     raise MethodNotAllowed(f"Use POST for {path}.")
                 key = self.control.authenticate(headers) if self.control is not None else None
                 body = await _read_body(receive)
-                await self.proxy.handle(endpoint, body, headers, request_id, send, receive, arrived, key)
+                await self.proxy.handle(endpoint, body, headers, request_id, send, receive, arrived, key,
+                                        scope.get("query_string", b""))
             elif path.startswith(WEBHOOK_PREFIX):
                 if method != "POST":
                     raise MethodNotAllowed(f"Use POST for {path}.")
@@ -135,14 +144,14 @@ class Gateway:
                 await _respond(send, 200, generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
             elif path == "/healthz":
                 await _respond(send, 200, b'{"status":"ok"}', b"application/json")
-            elif path == "/v1/models":
+            elif path == "/v1/models" or path.startswith("/v1/models/"):
                 if self.control is not None:
                     self.control.authenticate(headers)
-                await self._models(send, headers)
+                await self._models(send, headers, path.removeprefix("/v1/models").lstrip("/") or None)
             else:
                 raise NotFound(f"Unknown request URL: {method} {path}.")
         except TokenboothError as exc:
-            await self._render_error(send, exc, request_id, anthropic=path == "/v1/messages")
+            await self._render_error(send, exc, request_id, anthropic=path.startswith("/v1/messages"))
 
     def _check_admin(self, headers: dict[bytes, bytes]) -> None:
         """Admin endpoints (the Alertmanager webhooks) need the admin key once keys mode is on."""
@@ -172,14 +181,22 @@ class Gateway:
         body = exc.anthropic_body() if anthropic else exc.openai_body()
         await send({"type": "http.response.body", "body": orjson.dumps(body)})
 
-    async def _models(self, send: Send, headers: dict[bytes, bytes]) -> None:
+    async def _models(self, send: Send, headers: dict[bytes, bytes], model_id: str | None = None) -> None:
+        """``/v1/models``: the configured models, then the list of the upstream serving any model;
+        ``/v1/models/{id}``: one of them, from the same list."""
         router = self.proxy.router
         data = [{"id": m, "object": "model", "created": 0, "owned_by": router.targets(m)[0][0].name}
                 for m in router.explicit_models]
         wildcard = router.wildcard
         if wildcard is not None:
             data += await self._upstream_models(wildcard, headers)
-        await _respond(send, 200, orjson.dumps({"object": "list", "data": data}), b"application/json")
+        if model_id is None:
+            await _respond(send, 200, orjson.dumps({"object": "list", "data": data}), b"application/json")
+            return
+        found = next((m for m in data if m.get("id") == model_id), None)
+        if found is None:
+            raise ModelNotFound(model_id)
+        await _respond(send, 200, orjson.dumps(found), b"application/json")
 
     async def _upstream_models(self, up: Any, headers: dict[bytes, bytes]) -> list[dict[str, Any]]:
         resp = await self.proxy.pools[up.name].request(b"/models", b"", self.proxy.request_headers(up, headers),

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from tokenbooth.calls import ENDPOINTS, CallState, Endpoint, Format, Recorder
+from tokenbooth.calls import ENDPOINTS, CallState, Endpoint, Format, Recorder, follower_for
 from tokenbooth.config import TokensConfig, UpstreamConfig
 from tokenbooth.control.controller import Controller, Demand, RateState, Ticket
 from tokenbooth.control.keys import ClientKey
@@ -31,7 +31,7 @@ from tokenbooth.ledger.journal import Journal
 from tokenbooth.meter import Meter
 from tokenbooth.pricing import PriceBook, cost_of
 from tokenbooth.record import Cost, Operation, Outcome, TokenUsage
-from tokenbooth.streams import AnthropicStream, OpenAIStream, StreamFollower
+from tokenbooth.streams import StreamFollower
 from tokenbooth.tokens import TokenEstimator
 
 __all__ = ["ENDPOINTS", "Endpoint", "Proxy"]
@@ -77,6 +77,12 @@ def _duration(seconds: float) -> str:
         return f"{math.ceil(seconds * 10) / 10:g}s"
     minutes, rest = divmod(math.ceil(seconds), 60)
     return f"{minutes}m{rest}s"
+
+
+def provider_of(up: UpstreamConfig, ep: Endpoint) -> str:
+    """The provider label of a call: an Anthropic-format call to an upstream configured as the
+    generic ``openai`` (the one-line ``--upstream`` form) is an Anthropic call."""
+    return "anthropic" if ep.fmt == "anthropic" and up.provider == "openai" else up.provider
 
 
 def _max_output(payload: dict[str, Any], default: int) -> int:
@@ -152,7 +158,7 @@ class Proxy:
 
     async def handle(self, ep: Endpoint, body: bytes, client_headers: Mapping[bytes, bytes],
                      request_id: str, send: Send, receive: Receive, arrived: float | None = None,
-                     key: ClientKey | None = None) -> None:
+                     key: ClientKey | None = None, query: bytes = b"") -> None:
         """Serve one API call; raises a TokenboothError before the response starts on failure."""
         t0 = arrived if arrived is not None else time.perf_counter()
         try:
@@ -166,18 +172,25 @@ class Proxy:
             raise InvalidRequest("you must provide a model parameter", "model")
         if ep.required not in payload:
             raise InvalidRequest(f"Missing required parameter: '{ep.required}'.", ep.required)
-        stream = payload.get("stream", False)
-        if not isinstance(stream, bool):
+        stream = payload.get("stream")
+        if stream is None:  # OpenAI's spec: nullable, default false
+            stream = False
+        elif not isinstance(stream, bool):
             raise InvalidRequest("'stream' must be a boolean.", "stream")
         targets = self.router.targets(model)
         session_id = client_headers.get(b"x-tokenbooth-session")
         ticket: Ticket | None = None
         if self.control is not None and key is not None:
             checks = self.control.plan(key)
-            demand = self._demand(ep, model, targets, payload) if self.control.needs_demand(checks) else None
+            if not self.control.needs_demand(checks):
+                demand = None
+            elif ep.operation is Operation.COUNT_TOKENS:
+                demand = Demand(0, None)  # counting tokens costs nothing and uses no tokens
+            else:
+                demand = self._demand(ep, model, targets, payload)
             ticket = await self.control.admit(checks, demand)  # raises the refusal; nothing went upstream
 
-        call = CallState(targets[0][0].provider, targets[0][0].name, targets[0][1])
+        call = CallState(provider_of(targets[0][0], ep), targets[0][0].name, targets[0][1])
         if ticket is not None and ticket.rates:
             call.response_headers = rate_headers(ticket.rates)
         started_at = time.time()
@@ -186,7 +199,8 @@ class Proxy:
         if self.journal is not None:
             self.journal.begin()
         try:
-            await self._attempts(targets, ep, model, payload, body, stream, client_headers, request_id, call,
+            path = ep.upstream_path.encode() + (b"?" + query if query else b"")  # ?beta=true reaches upstream
+            await self._attempts(targets, ep, path, model, payload, body, stream, client_headers, request_id, call,
                                  t0, send, receive)
         except UpstreamError as exc:
             call.error_type = exc.error_type
@@ -234,7 +248,9 @@ class Proxy:
         if target_model != model:
             changed["model"] = target_model
         strip_usage = False
-        if stream and ep.fmt == "openai" and ep.operation is not Operation.EMBEDDINGS and up.stream_usage:
+        # the Responses API always reports usage in its terminal event, and rejects stream_options
+        if stream and ep.fmt == "openai" and not ep.responses and ep.operation is not Operation.EMBEDDINGS \
+                and up.stream_usage:
             options = payload.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage")):
                 # Ask for usage on the client's behalf; what this adds is removed on the way back.
@@ -245,7 +261,7 @@ class Proxy:
             return body, False
         return orjson.dumps({**payload, **changed}), strip_usage
 
-    async def _attempts(self, targets: tuple[tuple[UpstreamConfig, str], ...], ep: Endpoint, model: str,
+    async def _attempts(self, targets: tuple[tuple[UpstreamConfig, str], ...], ep: Endpoint, path: bytes, model: str,
                         payload: dict[str, Any], body: bytes, stream: bool, client_headers: Mapping[bytes, bytes],
                         request_id: str, call: CallState, t0: float, send: Send, receive: Receive) -> None:
         """Try the targets in order, retrying each as its policy allows, within ``max_attempts`` in all.
@@ -271,10 +287,10 @@ class Proxy:
                     raise last or UpstreamConnectError("no attempts left", up.name)
                 tries += 1
                 call.attempts += 1
-                call.serve(up.provider, up.name, target_model)
+                call.serve(provider_of(up, ep), up.name, target_model)
                 try:
-                    await self._forward(up, ep, target_body, client_headers, request_id, stream, strip_usage, call,
-                                        t0, send, receive)
+                    await self._forward(up, ep, path, target_body, client_headers, request_id, stream, strip_usage,
+                                        call, t0, send, receive)
                 except UpstreamError as exc:
                     last = exc
                     status = exc.status_code if isinstance(exc, UpstreamStatusError) else None
@@ -311,17 +327,16 @@ class Proxy:
                    if v is not None}
         return parse_retry_after(headers) if headers else None
 
-    async def _forward(self, up: UpstreamConfig, ep: Endpoint, body: bytes,
+    async def _forward(self, up: UpstreamConfig, ep: Endpoint, path: bytes, body: bytes,
                        client_headers: Mapping[bytes, bytes], request_id: str, stream: bool,
                        strip_usage: bool, call: CallState, t0: float, send: Send, receive: Receive) -> None:
-        resp = await self.pools[up.name].request(ep.upstream_path.encode(), body,
+        resp = await self.pools[up.name].request(path, body,
                                                  self.request_headers(up, client_headers, ep.fmt))
         try:
             call.status = resp.status
             content_type = resp.header(b"content-type") or "application/json"
             if stream and resp.status == 200 and content_type.startswith("text/event-stream"):
-                follower: StreamFollower = AnthropicStream() if ep.fmt == "anthropic" else \
-                    OpenAIStream(strip_usage)
+                follower: StreamFollower = follower_for(ep, strip_usage)
                 await self._stream(up, ep, resp, follower, request_id, call, t0, send, receive)
                 return
             data = await resp.read()
@@ -433,6 +448,9 @@ class Proxy:
         """End a stream that broke with an error event, so the client does not hang."""
         if ep.fmt == "anthropic":
             event = b"event: error\ndata: " + orjson.dumps(err.anthropic_body()) + b"\n\n"
+        elif ep.responses:
+            event = b"event: error\ndata: " + orjson.dumps({"type": "error", "code": err.code,
+                                                            "message": err.message, "param": None}) + b"\n\n"
         else:
             event = b"data: " + orjson.dumps(err.openai_body()) + b"\n\n"
         state["finished"] = True

@@ -18,12 +18,12 @@ from typing import Any
 
 import orjson
 
-from tokenbooth.calls import ENDPOINTS, CallState, Endpoint
+from tokenbooth.calls import ENDPOINTS, CallState, Endpoint, follower_for
 from tokenbooth.errors import ErrorType, classify_status
 from tokenbooth.record import Outcome
 from tokenbooth.sdk.agent import AgentSession, current_session
 from tokenbooth.sdk.runtime import Runtime
-from tokenbooth.streams import AnthropicStream, OpenAIStream, StreamFollower
+from tokenbooth.streams import StreamFollower
 
 __all__ = ["MeteringTransport", "classify_transport_error"]
 
@@ -87,7 +87,7 @@ class Exchange:
                 self.request_id = str(rid)[:64]
             content_type = headers.get("content-type", "")
             if self.streamed and status == 200 and content_type.startswith("text/event-stream"):
-                self.follower = AnthropicStream() if self.ep.fmt == "anthropic" else OpenAIStream()
+                self.follower = follower_for(self.ep)
         except Exception:
             log.exception("metering a response failed")
 
