@@ -36,7 +36,8 @@ def test_responses_are_metered_with_cached_and_reasoning_tokens_exactly(
     assert text and seen
     row = gateway.rows()[0]
     assert (row.operation, row.outcome, row.streamed, row.tokens_estimated) == ("chat", "success", stream, False)
-    assert (row.input_tokens, row.cached_input_tokens, row.output_tokens, row.reasoning_tokens) == (3000, 1024, 500, 200)
+    assert (row.input_tokens, row.cached_input_tokens, row.output_tokens, row.reasoning_tokens) == \
+        (3000, 1024, 500, 200)
     assert abs(row.cost_usd - EXPECTED) < Decimal("1e-9")
     assert gateway.sample("tokenbooth_cost_usd_total") == pytest.approx(float(EXPECTED), abs=1e-9)
     assert gateway.sample("tokenbooth_tokens_total", type="reasoning") == 200
