@@ -12,11 +12,13 @@ local n = (#ARGV - 4) / 5
 local function fmt(x) return string.format('%.0f', x) end
 local function num(x) return string.format('%.3f', x) end
 
-if redis.call('EXISTS', KEYS[1]) == 1 then
+-- the marker is set first (one command on the path every call takes) and removed again if the
+-- call is not admitted
+if not redis.call('SET', KEYS[1], 'a', 'NX', 'EX', tonumber(ARGV[4])) then
   return {'dup'}
 end
 
-local need, used, spent = {}, {}, {}
+local need, used, spent, at = {}, {}, {}, {}
 local refused = 0
 for i = 1, n do
   local a = 4 + (i - 1) * 5
@@ -41,8 +43,9 @@ for i = 1, n do
     spent[i] = fmt(s)
   elseif kind == 'r' then
     local v = redis.call('HMGET', key, 't', 'at')
-    local t, at = tonumber(v[1] or limit), tonumber(v[2] or now)
-    t = math.min(limit, t + math.max(now - at, 0) * param)
+    local t = tonumber(v[1] or limit)
+    at[i] = tonumber(v[2] or now)
+    t = math.min(limit, t + math.max(now - at[i], 0) * param)
     if refused == 0 and t < amount then refused = i end
     used[i] = num(t)
     spent[i] = '0'
@@ -55,9 +58,11 @@ for i = 1, n do
   end
 end
 if #need > 0 then
+  redis.call('DEL', KEYS[1])
   return {'seed', need}
 end
 if refused > 0 then
+  redis.call('DEL', KEYS[1])
   return {'refused', refused, used, spent}
 end
 
@@ -69,16 +74,14 @@ for i = 1, n do
   if kind == 'b' then
     local r = tonumber(redis.call('HGET', key, 'reserved') or '0') + amount
     redis.call('HSET', key, 'reserved', fmt(r), 'r:' .. id, fmt(amount))
-    redis.call('ZADD', aux, lease, id)
-    if expire > 0 then
-      redis.call('EXPIRE', key, expire)
+    -- the state's own expiry was set when it was seeded; the lease set gets one when it is made
+    if redis.call('ZADD', aux, lease, id) == 1 and expire > 0 and redis.call('TTL', aux) < 0 then
       redis.call('EXPIRE', aux, expire)
     end
     used[i] = fmt(tonumber(used[i]) + amount)
   elseif kind == 'r' then
     local t = tonumber(used[i]) - amount
-    local at = math.max(now, tonumber(redis.call('HGET', key, 'at') or now))
-    redis.call('HSET', key, 't', num(t), 'at', num(at))
+    redis.call('HSET', key, 't', num(t), 'at', num(math.max(now, at[i])))
     redis.call('EXPIRE', key, math.ceil((limit - t) / param) + 60)
     used[i] = num(t)
   else
@@ -87,5 +90,4 @@ for i = 1, n do
     used[i] = fmt(tonumber(used[i]) + 1)
   end
 end
-redis.call('SET', KEYS[1], 'a', 'EX', tonumber(ARGV[4]))
 return {'ok', 0, used, spent}

@@ -7,7 +7,8 @@ local now = tonumber(ARGV[2])
 local n = (#ARGV - 3) / 5
 local function fmt(x) return string.format('%.0f', x) end
 
-if redis.call('GET', KEYS[1]) == 's' then
+-- one command both marks the call settled and says whether it was already (SET ... GET: Redis 6.2+)
+if redis.call('SET', KEYS[1], 's', 'EX', tonumber(ARGV[3]), 'GET') == 's' then
   return 0
 end
 for i = 1, n do
@@ -32,11 +33,9 @@ for i = 1, n do
       local t, at = tonumber(v[1] or limit), tonumber(v[2] or now)
       t = math.min(limit, t + math.max(now - at, 0) * param + reserved - actual)
       redis.call('HSET', key, 't', string.format('%.3f', t), 'at', string.format('%.3f', math.max(now, at)))
-      redis.call('EXPIRE', key, math.ceil(math.max(limit - t, 0) / param) + 60)
     end
   else
     redis.call('ZREM', key, id)
   end
 end
-redis.call('SET', KEYS[1], 's', 'EX', tonumber(ARGV[3]))
 return 1
