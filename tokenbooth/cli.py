@@ -391,6 +391,11 @@ def _keys(args: argparse.Namespace) -> None:
         except ValidationError as exc:
             err = exc.errors()[0]
             raise UsageError(f"--{err['loc'][0]}: {err['msg']}") from None
+        fx = _settings(argparse.Namespace(config=args.config)).pricing.fx
+        unknown = sorted({b.currency for b in budgets if b.currency not in fx})
+        if unknown:
+            raise UsageError(f"--budget in {unknown[0]}: the gateway has no exchange rate for it; configure "
+                             f"pricing.fx.{unknown[0]} (known: {', '.join(sorted(fx))})")
         store = _key_store(args, must_exist=False)
         try:
             key, secret = store.create(args.tenant, name=args.name, budgets=tuple(budgets), limits=limits,

@@ -286,3 +286,12 @@ def test_an_open_gateway_off_loopback_with_an_upstream_key_refuses_to_start(tmp_
     build_gateway(load_settings(overrides=no_key, environ={}))  # clients bring their own upstream keys
     with pytest.raises(ConfigError, match=r"redis\.url"):
         build_gateway(load_settings(overrides={**base, "workers": 2, "auth": {"mode": "keys"}}, environ={}))
+
+
+def test_a_key_budget_in_a_currency_without_a_rate_refuses_rather_than_fails(keyed: Callable[..., Keyed]) -> None:
+    k = keyed()
+    secret = k.key(budgets=(BudgetConfig.model_validate("5EUR/day"),))  # made around the CLI's own check
+    gw = k.start()
+    r = k.post(secret)
+    assert r.status_code == 429 and "pricing.fx.EUR" in r.json()["error"]["message"]
+    assert gw.sample("tokenbooth_requests_total") == 0

@@ -44,6 +44,7 @@ def test_keys_errors_are_one_line_and_exit_non_zero(tmp_path: Path) -> None:
     assert _tb("keys", "create", "--tenant", "a", "--db", db).returncode == 0
     for args, words in ((["keys", "create", "--tenant", "a", "--budget", "5/week", "--db", db], "--budget '5/week'"),
                         (["keys", "create", "--tenant", "a", "--rpm", "0", "--db", db], "--rpm"),
+                        (["keys", "create", "--tenant", "a", "--budget", "5EUR/day", "--db", db], "pricing.fx.EUR"),
                         (["keys", "create", "--tenant", "a", "--expires", "soon", "--db", db], "not a date"),
                         (["keys", "create", "--db", db], "--tenant"),
                         (["keys", "revoke", "key_nope", "--db", db], "no key"),

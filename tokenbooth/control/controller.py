@@ -151,6 +151,10 @@ class Controller:
         cached = self._plans.get(key.id)
         if cached is not None and cached[0] > now:
             return cached[1]
+        unknown = sorted({b.currency for b in key.budgets if b.currency not in self.fx})
+        if unknown:  # never admit what cannot be charged: the key is refused until pricing.fx has the rate
+            raise BudgetExceeded(f"Key {key.id} has a budget in {', '.join(unknown)}, which this gateway cannot "
+                                 f"convert to: its operator must configure pricing.fx.{unknown[0]}.")
         tenant = self.tenants.get(key.tenant)
         checks: list[Check] = []
         if tenant is not None:
