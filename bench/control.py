@@ -257,6 +257,15 @@ class _Recorder:
         self.commands.append(args)
         return await self.conn.execute(*args)
 
+    async def execute_packed(self, command: bytes) -> Any:
+        import hiredis
+
+        reader = hiredis.Reader()
+        reader.feed(command)
+        args = reader.gets()  # the command as its arguments, for redis-py to send too
+        self.commands.append(tuple(a.decode() for a in args))
+        return await self.conn.execute_packed(command)
+
     async def close(self) -> None:
         await self.conn.close()
 
@@ -366,6 +375,10 @@ async def micro_run(port: int, redis_pid: int, calls: int, repeat: int, pinning:
     for name, rs in results.items():
         cpu[name], wall, server = (statistics.median(r[i] for r in rs) * 1e6 / n for i in range(3))
         print(f"| {name} | {parser[name]} | {cpu[name]:.1f} | {wall:.1f} | {server:.1f} |")
+    stats = await lean.execute("INFO", "commandstats")
+    print("EVALSHA inside Redis (INFO commandstats): "
+          + next(line.split(",usec_per_call=")[1].split(",")[0] + " µs per call" for line in stats.decode().split()
+                 if line.startswith("cmdstat_evalsha:")))
     print(f"\nredis-py spends {cpu['redis-py'] / cpu['RedisConnection']:.1f}× the CPU of RedisConnection per "
           f"EVALSHA: {2 * (cpu['redis-py'] - cpu['RedisConnection']):.0f} µs more per gateway call (admit + settle)")
 

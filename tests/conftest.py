@@ -190,6 +190,14 @@ class GatewayHandle:
     def sample(self, name: str, **labels: str) -> float:
         return total(self.registry, name, **labels)
 
+    def sample_when(self, name: str, expected: float, timeout: float = 3, **labels: str) -> float:
+        """The sample once it equals ``expected`` (to 1e-9), or its value after ``timeout`` seconds:
+        for gauges the gateway updates at most once a second."""
+        deadline = time.monotonic() + timeout
+        while abs((value := self.sample(name, **labels)) - expected) > 1e-9 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return value
+
     def rows(self) -> list[Any]:
         """Every ledger row written so far, oldest first (flushes the writer first)."""
         import sqlalchemy as sa

@@ -197,6 +197,40 @@ def test_redis_that_hangs_or_is_gone_is_unavailable_quickly(redis_server: RedisS
         runner.loop.close()
 
 
+def test_a_settlement_sent_without_waiting_reports_its_end_either_way(redis_server: RedisServer) -> None:
+    """send_settle's callback hears once that Redis took the settlement, or that it never answered."""
+    runner = Runner(RedisStore(redis_server.url, timeout=0.2))
+    b = (budget("1"), to_units(Decimal("0.5")))
+    heard: list[BaseException | None] = []
+
+    async def settle_and_wait(call: str) -> None:
+        runner.store.send_settle(call, [b[0]], [b[1]], [to_units(Decimal("0.1"))], NOW,  # type: ignore[attr-defined]
+                                 heard.append)
+        deadline = time.perf_counter() + 2
+        while len(heard) < len(calls) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+
+    calls: list[str] = []
+    try:
+        for _ in range(2):  # the first goes the slow way (the script is not loaded yet), the second the fast
+            calls.append(runner.admit([b])[0])
+            runner.loop.run_until_complete(settle_and_wait(calls[-1]))
+        assert heard == [None, None]
+        call, seen = runner.admit([b])
+        assert seen.admitted  # both settled at 0.1: 0.5 more fits in 1
+        calls.append(call)
+        redis_server.pause()
+        t0 = time.perf_counter()
+        runner.loop.run_until_complete(settle_and_wait(calls[-1]))
+        assert time.perf_counter() - t0 < 1
+        assert len(heard) == 3 and isinstance(heard[2], StoreUnavailable)
+        assert "did not answer within 0.2 s" in str(heard[2])
+    finally:
+        redis_server.resume()
+        runner.close()
+        runner.loop.close()
+
+
 def test_in_process_state_stays_small_however_many_calls_settle() -> None:
     runner = Runner(MemoryStore())
     b = (budget("100000"), 1)

@@ -40,6 +40,7 @@ __all__ = ["Controller", "Demand", "Ticket"]
 
 log = logging.getLogger("tokenbooth.control")
 
+_GAUGE_EVERY = 1.0  # seconds between updates of one budget's gauges
 _REPLAY_MAX = 100_000  # settlements kept for Redis while it is away; the ledger has them all in any case
 # a settlement Redis has not taken yet: call id, checks, reserved amounts, actual amounts, when
 _Replay = tuple[str, tuple[Check, ...], tuple[int, ...], tuple[int, ...], float]
@@ -114,8 +115,10 @@ class Controller:
         self._replay: deque[_Replay] = deque(maxlen=_REPLAY_MAX)
         self._recovering = False
         self._epoch: str | None = None  # Redis's epoch key: it changes when Redis loses its data
-        self._pending: set[asyncio.Future[Any]] = set()  # settlements sent to Redis, not yet answered
-        self._gauges: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._pending = 0  # settlements sent to Redis, not yet answered
+        self._gauges: dict[tuple[str, str], tuple[Any, Any, Any]] = {}  # spent, limit, ratio
+        self._latest: dict[tuple[str, str], tuple[Check, float]] = {}  # not in the gauges yet
+        self._gauge_timer: asyncio.TimerHandle | None = None
         self._redis_up = metrics.redis_up
         if shared:
             self._redis_up.set(1)
@@ -344,22 +347,35 @@ class Controller:
         return tuple(best.values())
 
     def _observe_budgets(self, checks: tuple[Check, ...], admission: Admission) -> None:
+        """Budget gauges from what an admission saw. They are set at once, then at most every
+        ``_GAUGE_EVERY`` seconds with the latest values (Prometheus reads them far less often);
+        a refusal sets them at once."""
         if not admission.spent:
             return
         for i, c in enumerate(checks):
-            if c.kind != "budget" or c.key_id is not None:
-                continue  # keys never become labels; tenants are the configured ones
-            gauges = self._gauges.get((c.tenant, c.name))
+            if c.kind == "budget" and c.key_id is None:  # keys never become labels; tenants are the configured ones
+                self._latest[(c.tenant, c.name)] = (c, admission.spent[i])
+        if admission.refused is not None:
+            self._set_gauges()  # what the refusal saw, at once
+        elif self._gauge_timer is None:
+            self._set_gauges()
+            self._gauge_timer = asyncio.get_running_loop().call_later(_GAUGE_EVERY, self._set_gauges, True)
+
+    def _set_gauges(self, timer: bool = False) -> None:
+        if timer:
+            self._gauge_timer = None
+        for (tenant, window), (c, spent) in self._latest.items():
+            gauges = self._gauges.get((tenant, window))
             if gauges is None:
                 m = self.metrics
-                gauges = (m.budget_spent_usd.labels(c.tenant, c.name), m.budget_limit_usd.labels(c.tenant, c.name),
-                          m.budget_used_ratio.labels(c.tenant, c.name))
-                self._gauges[(c.tenant, c.name)] = gauges
+                gauges = (m.budget_spent_usd.labels(tenant, window), m.budget_limit_usd.labels(tenant, window),
+                          m.budget_used_ratio.labels(tenant, window))
+                self._gauges[(tenant, window)] = gauges
             rate = float(self.fx[c.currency])
-            spent = admission.spent[i]
             gauges[0].set(spent / 1e9 * rate)
             gauges[1].set(c.limit / 1e9 * rate)
             gauges[2].set(spent / c.limit if c.limit else 0.0)
+        self._latest.clear()
 
     # -- settlement -------------------------------------------------------------------------
     def settle(self, ticket: Ticket | None, record: CallRecord) -> None:
@@ -379,13 +395,13 @@ class Controller:
         if self._down:
             self._replay.append((call_id, checks, amounts, actual, now))
             return
-        sent = self.store.send_settle(call_id, checks, amounts, actual, now)  # type: ignore[attr-defined]
-        self._pending.add(sent)
-        sent.add_done_callback(lambda fut: self._settled(fut, (call_id, checks, amounts, actual, now)))
+        entry = (call_id, checks, amounts, actual, now)
+        self._pending += 1
+        self.store.send_settle(call_id, checks, amounts, actual, now,  # type: ignore[attr-defined]
+                               lambda exc: self._settled(exc, entry))
 
-    def _settled(self, fut: asyncio.Future[Any], entry: _Replay) -> None:
-        self._pending.discard(fut)
-        exc = fut.exception() if not fut.cancelled() else StoreUnavailable("the settlement was cancelled")
+    def _settled(self, exc: BaseException | None, entry: _Replay) -> None:
+        self._pending -= 1
         if exc is not None:
             self._replay.append(entry)
             if isinstance(exc, StoreUnavailable):
@@ -407,8 +423,12 @@ class Controller:
 
     async def close(self) -> None:
         """Let settlements in progress finish, replay what Redis missed, and close."""
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=5)
+        if self._gauge_timer is not None:
+            self._gauge_timer.cancel()
+            self._set_gauges(True)
+        deadline = time.monotonic() + 5
+        while self._pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
         if self.shared and self._replay:
             with contextlib.suppress(StoreUnavailable):
                 await self._recover()

@@ -195,6 +195,9 @@ class KeyStore:
             conn.execute(update(keys_table).where(keys_table.c.id.in_(sorted(ids))).values(last_used_at=when))
 
 
+_SEEN_MAX = 10_000  # secrets remembered between reloads; only valid ones, so callers cannot grow it
+
+
 class KeyRing:
     """The active keys of a gateway, refreshed from the database on a background thread.
 
@@ -208,6 +211,9 @@ class KeyRing:
         self.interval = interval
         self.clock = clock
         self._by_hash: dict[str, ClientKey] = {}
+        # secrets seen since the last reload, and their keys: a hit skips the HMAC (~3-20 µs). It is
+        # swapped with ``_by_hash`` as one tuple, so a key revoked by a reload is never found in it.
+        self._view: tuple[dict[str, ClientKey], dict[str, ClientKey]] = (self._by_hash, {})
         self._version: str | None = None
         self._used: set[str] = set()
         self._stop = threading.Event()
@@ -225,7 +231,12 @@ class KeyRing:
 
     def resolve(self, secret: str) -> ClientKey | None:
         """The active, unexpired key with this secret, or None."""
-        key = self._by_hash.get(self.store.keyed.hash(secret))
+        by_hash, seen = self._view
+        key = seen.get(secret)
+        if key is None:
+            key = by_hash.get(self.store.keyed.hash(secret))
+            if key is not None and len(seen) < _SEEN_MAX:
+                seen[secret] = key
         if key is None or (key.expires_at is not None and key.expired(self.clock())):
             return None
         self._used.add(key.id)
@@ -235,6 +246,7 @@ class KeyRing:
         version = self.store.version()
         if version != self._version or self._version is None:
             self._by_hash = self.store.active()  # swapped whole: readers on the loop never see a half set
+            self._view = (self._by_hash, {})
             self._version = version
 
     def _touch(self) -> None:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenbooth.control.policy import Check
-from tokenbooth.control.resp import RedisAddress, RedisConnection, RedisReplyError
+from tokenbooth.control.resp import RedisAddress, RedisConnection, RedisReplyError, bulk, pack
 from tokenbooth.control.store import Admission, StoreUnavailable
 
 __all__ = ["RedisStore"]
@@ -33,17 +33,58 @@ def _script(name: str) -> str:
     return (_LUA / f"{name}.lua").read_text(encoding="utf-8")
 
 
-def _keys(call_id: str, checks: Sequence[Check]) -> list[str]:
-    tag = checks[0].key.split("}", 1)[0] + "}"  # every check of a call has its tenant's tag
-    keys = [f"{tag}:call:{call_id}"]
-    for c in checks:
-        keys += (c.key, c.key + ":leases")
-    return keys
-
-
 def _ttl(check: Check, now: float) -> int:
     """Seconds Redis keeps a check's state: a budget's until a day after its window ends."""
     return max(int(check.expire_at - now), 60) if check.expire_at else 0
+
+
+def _num(x: float, places: bytes = b"%.3f") -> bytes:
+    return bulk(places % x)
+
+
+class _Encoded:
+    """What a call's admission and settlement scripts send that depends only on its checks,
+    encoded in RESP once per plan, so a call encodes only its id, its time and its amounts."""
+
+    __slots__ = ("admit_param", "checks", "heads", "keys", "kind_limit", "marker", "settle_param")
+
+    def __init__(self, checks: Sequence[Check]) -> None:
+        self.checks = checks  # held, so the id() this is cached under is not reused
+        self.marker = checks[0].key.split("}", 1)[0].encode() + b"}:call:"  # every check has its tenant's tag
+        self.keys = b"".join(bulk(k.encode()) for c in checks for k in (c.key, c.key + ":leases"))
+        self.kind_limit = tuple(bulk(_KIND[c.kind].encode()) + bulk(b"%d" % c.limit) for c in checks)
+        self.admit_param = tuple(bulk(b"1" if c.hard else b"0") if c.kind == "budget"
+                                 else _num(c.per_second, b"%.6f") for c in checks)
+        self.settle_param = tuple(_num(c.per_second, b"%.6f") for c in checks)
+        self.heads: dict[tuple[str, str], bytes] = {}
+
+    def head(self, name: str, sha: str) -> bytes:
+        """``*N EVALSHA sha numkeys``: what starts the command, for one script and its sha."""
+        head = self.heads.get((name, sha))
+        if head is None:
+            n = len(self.checks)
+            size = 3 + 1 + 2 * n + (4 if name == "admit" else 3) + 5 * n
+            head = self.heads[(name, sha)] = (b"*%d\r\n" % size + bulk(b"EVALSHA") + bulk(sha.encode())
+                                              + bulk(b"%d" % (1 + 2 * n)))
+        return head
+
+    def admit(self, sha: str, call_id: str, amounts: Sequence[int], now: float, lease_until: float) -> bytes:
+        cid = call_id.encode()
+        parts = [self.head("admit", sha), bulk(self.marker + cid), self.keys, bulk(cid), _num(now),
+                 _num(lease_until), bulk(b"%d" % (int(lease_until - now) + 60))]
+        for i, c in enumerate(self.checks):
+            parts += (self.kind_limit[i], bulk(b"%d" % amounts[i]), self.admit_param[i], bulk(b"%d" % _ttl(c, now)))
+        return b"".join(parts)
+
+    def settle(self, sha: str, call_id: str, amounts: Sequence[int], actual: Sequence[int], now: float) -> bytes:
+        cid = call_id.encode()
+        parts = [self.head("settle", sha), bulk(self.marker + cid), self.keys, bulk(cid), _num(now), _SETTLED_TTL]
+        for i in range(len(self.checks)):
+            parts += (self.kind_limit[i], bulk(b"%d" % amounts[i]), bulk(b"%d" % actual[i]), self.settle_param[i])
+        return b"".join(parts)
+
+
+_SETTLED_TTL = bulk(b"%d" % SETTLED_TTL)
 
 
 class RedisStore:
@@ -56,28 +97,37 @@ class RedisStore:
         self._scripts = {name: _script(name) for name in ("admit", "settle", "seed")}
         self._sha: dict[str, str] = {}
         self._observe = observe
+        self._encoded: dict[int, _Encoded] = {}
 
-    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        sha = self._sha.get(name)
-        if sha is None:
-            sha = self._sha[name] = (await self.conn.execute("SCRIPT", "LOAD", self._scripts[name])).decode()
+    def _encode(self, checks: Sequence[Check]) -> _Encoded:
+        enc = self._encoded.get(id(checks))
+        if enc is None or enc.checks is not checks:
+            if len(self._encoded) > 10_000:
+                self._encoded.clear()
+            enc = self._encoded[id(checks)] = _Encoded(checks)
+        return enc
+
+    async def _load(self, name: str) -> str:
+        sha: str = (await self.conn.execute("SCRIPT", "LOAD", self._scripts[name])).decode()
+        self._sha[name] = sha
+        return sha
+
+    async def _eval(self, name: str, command: Callable[[str], bytes]) -> Any:
+        """Run script ``name``: ``command(sha)`` is its EVALSHA, encoded."""
+        sha = self._sha.get(name) or await self._load(name)
         try:
-            return await self.conn.execute("EVALSHA", sha, len(keys), *keys, *args)
+            return await self.conn.execute_packed(command(sha))
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         # a restarted or flushed Redis forgot the script: load it again
-        self._sha[name] = (await self.conn.execute("SCRIPT", "LOAD", self._scripts[name])).decode()
-        return await self.conn.execute("EVALSHA", self._sha[name], len(keys), *keys, *args)
+        return await self.conn.execute_packed(command(await self._load(name)))
 
-    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _run(self, name: str, command: Callable[[str], bytes] | None) -> Any:
         t0 = time.perf_counter()
         failed = True
         try:
-            if name == "ping":
-                result = await self.conn.execute("PING")
-            else:
-                result = await self._eval(name, keys, args)
+            result = await (self.conn.execute("PING") if command is None else self._eval(name, command))
             failed = False
             return result
         except (OSError, TimeoutError, ConnectionError, RedisReplyError) as exc:
@@ -100,73 +150,66 @@ class RedisStore:
             self._note("epoch", t0, failed)
 
     async def ping(self) -> None:
-        await self._run("ping", (), ())
+        await self._run("ping", None)
 
     async def admit(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], now: float,
                     lease_until: float) -> Admission:
-        args: list[Any] = [call_id, f"{now:.3f}", f"{lease_until:.3f}", int(lease_until - now) + 60]
-        for c, amount in zip(checks, amounts, strict=True):
-            param = (1 if c.hard else 0) if c.kind == "budget" else f"{c.per_second:.6f}"
-            args += (_KIND[c.kind], c.limit, amount, param, _ttl(c, now))
-        reply = await self._run("admit", _keys(call_id, checks), args)
+        enc = self._encode(checks)
+        reply = await self._run("admit", lambda sha: enc.admit(sha, call_id, amounts, now, lease_until))
         verdict = reply[0]
         if verdict == b"dup":
             return Admission()
         if verdict == b"seed":
             return Admission(need_seed=tuple(int(i) - 1 for i in reply[1]))
-        used = tuple(float(v) for v in reply[2])
-        spent = tuple(float(v) for v in reply[3])
+        used = tuple(map(float, reply[2]))
+        spent = tuple(map(float, reply[3]))
         return Admission(refused=int(reply[1]) - 1 if verdict == b"refused" else None, used=used, spent=spent)
-
-    @staticmethod
-    def _settle_args(call_id: str, checks: Sequence[Check], amounts: Sequence[int], actual: Sequence[int],
-                     now: float) -> list[Any]:
-        args: list[Any] = [call_id, f"{now:.3f}", SETTLED_TTL]
-        for c, reserved, used in zip(checks, amounts, actual, strict=True):
-            args += (_KIND[c.kind], c.limit, reserved, used, f"{c.per_second:.6f}")
-        return args
 
     async def settle(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], actual: Sequence[int],
                      now: float) -> None:
-        await self._run("settle", _keys(call_id, checks), self._settle_args(call_id, checks, amounts, actual, now))
+        enc = self._encode(checks)
+        await self._run("settle", lambda sha: enc.settle(sha, call_id, amounts, actual, now))
 
     def send_settle(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], actual: Sequence[int],
-                    now: float) -> asyncio.Future[Any]:
-        """``settle`` without waiting for the answer: the command goes out now and the returned
-        future ends with it (``StoreUnavailable`` on failure). No task is made when the
-        connection is up and the script known, which is every call but the first."""
-        args = self._settle_args(call_id, checks, amounts, actual, now)
-        keys = _keys(call_id, checks)
+                    now: float, done: Callable[[BaseException | None], None]) -> None:
+        """``settle`` without waiting for the answer: the command goes out now, and ``done`` is called
+        with None once Redis took it, or with a ``StoreUnavailable`` (or the reply's error) if not.
+        No future and no task is made when the connection is up and the script known, which is
+        every call but the first."""
         sha = self._sha.get("settle")
         if sha is None or not self.conn.ready():
-            return asyncio.ensure_future(self._run("settle", keys, args))
+            self._settle_later(call_id, checks, amounts, actual, now, done)
+            return
         t0 = time.perf_counter()
-        # held back a moment: at one call at a time it goes out with the next admission, in one write
-        sent = self.conn.send("EVALSHA", sha, len(keys), *keys, *args, defer=SETTLE_DEFER)
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-        def finished(fut: asyncio.Future[Any]) -> None:
-            exc = fut.exception() if not fut.cancelled() else ConnectionError("cancelled")
+        def finished(_reply: Any, exc: BaseException | None) -> None:
             if exc is None:
                 self._note("settle", t0, False)
-                done.set_result(fut.result())
+                done(None)
             elif isinstance(exc, RedisReplyError) and str(exc).startswith("NOSCRIPT"):
-                retry = asyncio.ensure_future(self._run("settle", keys, args))
-                retry.add_done_callback(lambda r: done.set_exception(r.exception()) if r.exception()  # type: ignore[arg-type]
-                                        else done.set_result(r.result()))
+                self._settle_later(call_id, checks, amounts, actual, now, done)
             else:
                 self._note("settle", t0, True)
-                done.set_exception(StoreUnavailable(f"{exc.__class__.__name__}: {exc}"))
+                done(StoreUnavailable(f"{exc.__class__.__name__}: {exc}"))
 
-        sent.add_done_callback(finished)
-        return done
+        # held back a moment: at one call at a time it goes out with the next admission, in one write
+        command = self._encode(checks).settle(sha, call_id, amounts, actual, now)
+        self.conn.send(command, finished, defer=SETTLE_DEFER)
+
+    def _settle_later(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], actual: Sequence[int],
+                      now: float, done: Callable[[BaseException | None], None]) -> None:
+        """The slow way of ``send_settle``, in a task: connecting, or loading the script first."""
+        task = asyncio.ensure_future(self.settle(call_id, checks, amounts, actual, now))
+        task.add_done_callback(lambda t: done(t.exception() if not t.cancelled()
+                                              else StoreUnavailable("the settlement was cancelled")))
 
     def _note(self, name: str, t0: float, failed: bool) -> None:
         if self._observe is not None:
             self._observe(name, time.perf_counter() - t0, failed)
 
     async def seed(self, check: Check, spent: int) -> None:
-        await self._run("seed", [check.key], [spent, _ttl(check, time.time())])
+        ttl = _ttl(check, time.time())
+        await self._run("seed", lambda sha: pack("EVALSHA", sha, 1, check.key, spent, ttl))
 
     async def close(self) -> None:
         await self.conn.close()

@@ -18,7 +18,7 @@ if not redis.call('SET', KEYS[1], 'a', 'NX', 'EX', tonumber(ARGV[4])) then
   return {'dup'}
 end
 
-local need, used, spent, at = {}, {}, {}, {}
+local need, used, spent, at, reserved = {}, {}, {}, {}, {}
 local refused = 0
 for i = 1, n do
   local a = 4 + (i - 1) * 5
@@ -38,6 +38,7 @@ for i = 1, n do
     local v = redis.call('HMGET', key, 'spent', 'reserved', 'seeded')
     local s, r = tonumber(v[1] or '0'), tonumber(v[2] or '0')
     if not v[3] then need[#need + 1] = i end
+    reserved[i] = r
     if param == 1 and refused == 0 and s + r + amount > limit then refused = i end
     used[i] = fmt(s + r)
     spent[i] = fmt(s)
@@ -72,7 +73,7 @@ for i = 1, n do
     tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
   local key, aux = KEYS[2 * i], KEYS[2 * i + 1]
   if kind == 'b' then
-    local r = tonumber(redis.call('HGET', key, 'reserved') or '0') + amount
+    local r = reserved[i] + amount
     redis.call('HSET', key, 'reserved', fmt(r), 'r:' .. id, fmt(amount))
     -- the state's own expiry was set when it was seeded; the lease set gets one when it is made
     if redis.call('ZADD', aux, lease, id) == 1 and expire > 0 and redis.call('TTL', aux) < 0 then
