@@ -41,6 +41,6 @@ def test_every_catalog_metric_is_exported_once_with_its_labels() -> None:
 
 
 @pytest.mark.parametrize(("name", "label"), [("gpt-4o", "gpt-4o"), ("claude-3-5-sonnet", "claude-3-5-sonnet"),
-                                              ("my-model", "my-model"), ("gpt-4o-typo", "other"), ("", "other")])
+                                              ("my-model", "my-model"), ("gpt-4o-typo", "other"), ("", "")])
 def test_model_labels_fold_unknown_names_to_other(name: str, label: str) -> None:
     assert ModelLabels(["my-model"])(name) == label

@@ -76,12 +76,13 @@ class CallState:
     """What is known about one call so far; becomes a CallRecord at the end."""
 
     __slots__ = ("attempts", "error_type", "last_token", "outcome", "output_text", "path", "provider", "reported",
-                 "response_headers", "served_model", "status", "target_model", "ttft", "upstream")
+                 "response_headers", "served_model", "status", "target_model", "ttft", "unpriced", "upstream")
 
     def __init__(self, provider: str = "", upstream: str = "", target_model: str = "") -> None:
         self.attempts = 0
         self.response_headers: list[tuple[bytes, bytes]] = []  # the gateway's own, e.g. x-ratelimit-*
         self.path: list[str] = []  # targets left behind, "upstream:model!reason"
+        self.unpriced = False  # a call no price applies to (a file upload): its cost is unknown, never $0
         self.serve(provider, upstream, target_model)
 
     def serve(self, provider: str, upstream: str, target_model: str) -> None:
@@ -171,8 +172,9 @@ class Recorder:
             log.exception("token estimate failed for request %s", request_id)
             usage, mismatch = call.reported or NO_USAGE, False
         target = call.target_model or model
-        cost = self.prices.cost(target, usage, provider=call.provider, upstream=call.upstream,
-                                served_model=call.served_model, at=started_at)
+        cost = None if call.unpriced else self.prices.cost(target, usage, provider=call.provider,
+                                                           upstream=call.upstream, served_model=call.served_model,
+                                                           at=started_at)
         tpot = None
         if call.ttft is not None and call.last_token is not None and usage.output > 1:
             tpot = (call.last_token - call.ttft) / (usage.output - 1)

@@ -26,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tokenbooth.errors import ConfigError
 
 __all__ = ["AuthConfig", "BudgetConfig", "BudgetsConfig", "CircuitConfig", "LedgerConfig", "LimitsConfig",
-           "NotifyConfig", "PricingConfig", "RedisConfig", "RetryConfig", "RobotConfig", "RouteTarget", "Settings",
-           "StackConfig", "TenantConfig", "TokensConfig", "UpstreamConfig", "load_settings"]
+           "NotifyConfig", "PassthroughConfig", "PricingConfig", "RedisConfig", "RetryConfig", "RobotConfig",
+           "RouteTarget", "Settings", "StackConfig", "TenantConfig", "TokensConfig", "UpstreamConfig",
+           "load_settings"]
 
 ENV_PREFIX = "TOKENBOOTH_"
 
@@ -445,6 +446,16 @@ class StackConfig(_Model):
         return self
 
 
+class PassthroughConfig(_Model):
+    """Every other ``/v1/`` path (files, batches, audio, images, moderations, ...), forwarded as it is."""
+
+    enabled: bool = True
+    # where a call whose body names no model goes (a file upload, a GET); unset: the upstream
+    # that serves any model ("*"), else the first upstream
+    upstream: str | None = None
+    max_json_body: int = Field(8 * 1024 * 1024, ge=1024)  # bytes of a JSON body read whole to find its model
+
+
 class Settings(_Model):
     """The whole validated configuration."""
 
@@ -464,6 +475,7 @@ class Settings(_Model):
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
     budgets: BudgetsConfig = BudgetsConfig()
     redis: RedisConfig = RedisConfig()
+    passthrough: PassthroughConfig = PassthroughConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     graceful_shutdown: float = Field(30.0, ge=0)  # seconds to drain in-flight calls on SIGTERM
     workers: int = Field(1, ge=1, le=64)  # gateway processes sharing the port
@@ -481,6 +493,9 @@ class Settings(_Model):
                 if target.upstream not in names:
                     raise ValueError(f"route '{model}' names upstream '{target.upstream}', which is not "
                                      f"configured (upstreams: {', '.join(names) or 'none'})")
+        if self.passthrough.upstream is not None and self.passthrough.upstream not in names:
+            raise ValueError(f"passthrough.upstream is '{self.passthrough.upstream}', which is not configured "
+                             f"(upstreams: {', '.join(names) or 'none'})")
         for tenant, conf in self.tenants.items():
             for budget in conf.budgets:
                 if budget.currency not in self.pricing.fx:

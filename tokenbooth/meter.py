@@ -36,7 +36,7 @@ class ModelLabels:
             self._known |= _genai_model_ids()
 
     def __call__(self, model: str) -> str:
-        return model if model in self._known else OTHER
+        return model if model in self._known or not model else OTHER  # "": a call that names no model
 
     def __contains__(self, model: object) -> bool:
         return model in self._known

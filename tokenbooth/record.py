@@ -18,6 +18,17 @@ class Operation(StrEnum):
     TEXT_COMPLETION = "text_completion"
     EMBEDDINGS = "embeddings"
     COUNT_TOKENS = "count_tokens"  # Anthropic's token counting: recorded, never billed
+    # the families of the other /v1/ paths the gateway passes through
+    RESPONSES = "responses"  # retrieving, deleting, cancelling, listing stored responses
+    MODERATIONS = "moderations"
+    AUDIO = "audio"
+    IMAGES = "images"
+    FILES = "files"
+    BATCHES = "batches"
+    FINE_TUNING = "fine_tuning"
+    VECTOR_STORES = "vector_stores"
+    ASSISTANTS = "assistants"  # assistants and threads
+    OTHER = "other"  # any path not named above
 
 
 class Outcome(StrEnum):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import anthropic
 import httpx
 import openai
+import pytest
 
 from tests.conftest import GatewayHandle, SimHandle, track
 
@@ -51,3 +54,25 @@ def test_messages_in_the_one_line_form_are_anthropic_calls_with_anthropic_errors
         r = httpx.post(f"{gateway.base}{path}", content=b"{oops")
         assert r.status_code == 400 and r.json()["type"] == "error"
         assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_client_that_gives_up_on_a_slow_call_closes_the_upstream_call_and_is_cancelled(
+        gateway: GatewayHandle, sim: SimHandle) -> None:
+    sim.script([{"fault": "timeout", "seconds": 5}])  # the upstream answers after 5 s
+    client = track(openai.OpenAI(base_url=gateway.url, api_key="k", max_retries=0, timeout=1))
+    t0 = time.monotonic()
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello there"}])
+    deadline = time.monotonic() + 3
+    while gateway.sample("tokenbooth_requests_total", outcome="cancelled") == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert time.monotonic() - t0 < 3  # recorded well before the upstream would have answered
+    row = gateway.rows()[0]
+    assert (row.outcome, row.error_type, row.http_status) == ("cancelled", "cancelled", None)
+    assert 0.9 < row.duration_s < 2
+    assert row.tokens_estimated and row.input_tokens > 0 and row.output_tokens == 0
+    assert gateway.sample("tokenbooth_in_flight_requests") == 0
+    deadline = time.monotonic() + 3
+    while sim.stats()["client_disconnects"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sim.stats()["client_disconnects"] == 1  # the upstream saw its connection closed

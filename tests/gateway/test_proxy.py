@@ -154,8 +154,8 @@ def test_unknown_model_and_route_are_404(make_gateway: Callable[..., GatewayHand
     assert r.status_code == 404 and _error(r)["code"] == "model_not_found"
     r = httpx.get(f"{gw.base}/v2/nothing")
     assert r.status_code == 404 and _error(r)["code"] == "not_found"
-    r = httpx.get(f"{gw.url}/chat/completions")
-    assert r.status_code == 405
+    r = httpx.post(f"{gw.url}/models")
+    assert r.status_code == 404 and _error(r)["code"] == "not_found"
     models = httpx.get(f"{gw.url}/models").json()
     assert [m["id"] for m in models["data"]] == ["gpt-4o-mini"]
     _good_call(gw)
@@ -306,7 +306,7 @@ def test_the_gateways_own_refusals_are_counted_by_reason(gateway: GatewayHandle,
     url = gateway.url
     assert httpx.post(f"{url}/chat/completions", content=b"{not json").status_code == 400
     assert httpx.post(f"{url}/chat/completions", json={"messages": []}).status_code == 400
-    assert httpx.get(f"{url}/chat/completions").status_code == 405
+    assert httpx.post(f"{url}/models").status_code == 404  # the gateway's own path: not passed through
     assert httpx.get(f"{gateway.base}/v2/nothing").status_code == 404
     assert gateway.sample("tokenbooth_rejected_requests_total", reason="invalid_request") == 2
     assert gateway.sample("tokenbooth_rejected_requests_total", reason="not_found") == 2

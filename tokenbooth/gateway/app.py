@@ -34,6 +34,7 @@ from tokenbooth.errors import (
 )
 from tokenbooth.gateway.notify import PATH_PREFIX as WEBHOOK_PREFIX
 from tokenbooth.gateway.notify import Notifier
+from tokenbooth.gateway.passthrough import Passthrough
 from tokenbooth.gateway.proxy import ENDPOINTS, Proxy, Receive, Send
 from tokenbooth.gateway.upstreams import Router
 from tokenbooth.ledger.journal import Journal
@@ -50,6 +51,7 @@ log = logging.getLogger("tokenbooth.gateway")
 REJECT_REASONS = ("auth", "budget", "rate_limit", "concurrency", "invalid_request", "not_found")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 _JSON = (b"content-type", b"application/json")
+_MODELS = re.compile(r"^/v1/models(/[^/]+)?$")  # the gateway's own answer: configured models first
 
 
 class Gateway:
@@ -62,6 +64,8 @@ class Gateway:
         self.registry = registry
         self.ledger = ledger
         self.control: Controller | None = proxy.control
+        # every other /v1/ path, forwarded; None when passthrough.enabled is false
+        self.passthrough = Passthrough(proxy, settings.passthrough) if settings.passthrough.enabled else None
         self._rejected = proxy.meter.metrics.rejected
         for reason in REJECT_REASONS:  # at 0 from the start, so the first refusal shows in increase()
             self._rejected.labels(reason)
@@ -125,7 +129,7 @@ class Gateway:
         method: str = scope["method"]
         try:
             endpoint = ENDPOINTS.get(path)
-            if endpoint is not None:
+            if endpoint is not None and (method == "POST" or self.passthrough is None):
                 if method != "POST":
                     raise MethodNotAllowed(f"Use POST for {path}.")
                 key = self.control.authenticate(headers) if self.control is not None else None
@@ -138,6 +142,10 @@ class Gateway:
                 self._check_admin(headers)
                 reply = await self.notifier.handle(path.removeprefix(WEBHOOK_PREFIX), await _read_body(receive))
                 await _respond(send, 200, reply, b"application/json")
+            elif self.passthrough is not None and path.startswith("/v1/") and not _MODELS.match(path):
+                key = self.control.authenticate(headers) if self.control is not None else None
+                await self.passthrough.handle(method, path, scope.get("query_string", b""), headers, request_id,
+                                              send, receive, arrived, key)
             elif method not in ("GET", "HEAD"):
                 raise NotFound(f"Unknown request URL: {method} {path}.")
             elif path == "/metrics":

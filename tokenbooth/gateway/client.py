@@ -51,6 +51,9 @@ _HIGH_WATER = 256 * 1024  # unread body bytes at which reading from the upstream
 _DECODERS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
 
 
+_BODILESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
+
+
 class UpstreamResponse:
     """One upstream answer: status and headers at once, the body as it arrives.
 
@@ -191,8 +194,23 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.got_bytes = False
         self.paused = False
+        self.drained: asyncio.Future[None] | None = None  # set while the transport's buffer is full
+        self.partial = False  # the request body was not sent whole: the connection cannot be reused
 
     # asyncio.Protocol
+    def pause_writing(self) -> None:
+        if self.drained is None:
+            self.drained = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+        self.drained = None
+
+    async def drain(self) -> None:
+        """Wait while the upstream reads the body more slowly than the client sends it."""
+        while self.drained is not None and not self.closed:
+            await self.drained
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport: create_connection
 
@@ -267,6 +285,7 @@ class _Connection(asyncio.Protocol):
         self.response = None
         self.complete = self.keep_alive = False
         self.got_bytes = False
+        self.partial = False
         self.head = self.loop.create_future()
         self.last_data = self.loop.time()
         self.deadline = deadline
@@ -282,7 +301,7 @@ class _Connection(asyncio.Protocol):
         self.response = None
         self.head = None
         self._cancel_timer()
-        if self.complete and self.keep_alive and not self.closed:
+        if self.complete and self.keep_alive and not self.closed and not self.partial:
             self.resume()
             self.idle_since = self.loop.time()
             self.pool.idle.append(self)
@@ -405,32 +424,52 @@ class Pool:
         return self._loop
 
     async def request(self, path: bytes, body: bytes, headers: Iterable[tuple[bytes, bytes]], *,
-                      method: bytes = b"POST") -> UpstreamResponse:
+                      method: bytes = b"POST", stream: AsyncIterator[bytes] | None = None,
+                      length: int | None = None) -> UpstreamResponse:
         """Send one request; returns once the status line and headers arrived.
 
-        ``path`` is appended to the base URL's path. Raises an :class:`UpstreamError`.
+        ``path`` is appended to the base URL's path. The body is ``body``, or with ``stream`` the
+        chunks it yields, sent as they come (``length`` bytes in all, or chunked when it is None),
+        so an upload is never held whole. Raises an :class:`UpstreamError`.
         """
+        if stream is None:
+            framing = b"content-length: %d\r\n" % len(body) if body or method not in _BODILESS else b""
+        else:
+            framing = b"content-length: %d\r\n" % length if length is not None else b"transfer-encoding: chunked\r\n"
         head = b"".join([
             method, b" ", self.prefix, path, b" HTTP/1.1\r\nhost: ", self.host_header, b"\r\n",
-            b"" if self.tls else self.proxy_auth, b"content-length: ", str(len(body)).encode(),
-            b"\r\naccept-encoding: gzip, deflate\r\n",
+            b"" if self.tls else self.proxy_auth, framing, b"accept-encoding: gzip, deflate\r\n",
             *[b"%s: %s\r\n" % pair for pair in headers], b"\r\n",
         ])
         deadline = self.loop.time() + self.timeout.total
         conn = self._idle()
         if conn is not None:
             try:
-                return await self._send(conn, head, body, deadline)
+                return await self._send(conn, head, body, deadline, stream, length is None)
             except UpstreamConnectError:
-                if conn.got_bytes:
+                if conn.got_bytes or conn.partial:
                     raise
                 # the upstream closed the idle connection as we sent: it never saw this request
-        return await self._send(await self._connect(), head, body, deadline)
+        return await self._send(await self._connect(), head, body, deadline, stream, length is None)
 
     @staticmethod
-    async def _send(conn: _Connection, head: bytes, body: bytes, deadline: float) -> UpstreamResponse:
+    async def _send(conn: _Connection, head: bytes, body: bytes, deadline: float,
+                    stream: AsyncIterator[bytes] | None = None, chunked: bool = False) -> UpstreamResponse:
         try:
-            return await conn.send(head, body, deadline)
+            answer = conn.send(head, body, deadline)
+            if stream is not None:
+                conn.partial = True  # until the last chunk is out
+                assert conn.transport is not None
+                async for chunk in stream:
+                    if chunk:
+                        conn.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                        await conn.drain()
+                    if answer.done():  # the upstream answered before the body's end (a 413, say)
+                        return await answer
+                if chunked:
+                    conn.transport.write(b"0\r\n\r\n")
+                conn.partial = False
+            return await answer
         except BaseException:
             conn.abort()  # failed or cancelled half-way: the connection's state is unknown
             raise

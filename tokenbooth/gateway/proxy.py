@@ -97,6 +97,45 @@ def _max_output(payload: dict[str, Any], default: int) -> int:
     return limit * (n if type(n) is int and 1 < n <= 128 else 1)
 
 
+class HangupWatch:
+    """Cancels the task serving a call when its client hangs up, until the answer is complete.
+
+    uvicorn's ``receive()`` yields ``http.disconnect`` once the request body is read and the
+    client goes away; the watch waits for it beside the call. ``done()`` ends the watch: from
+    then on (the client has its whole answer) a hang-up no longer cancels anything.
+    """
+
+    __slots__ = ("_task", "_watcher", "disconnected", "finished")
+
+    def __init__(self, receive: Receive) -> None:
+        self.finished = False
+        self.disconnected = False
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.ensure_future(receive())
+        self._watcher.add_done_callback(self._heard)
+
+    def _heard(self, fut: asyncio.Future[dict[str, Any]]) -> None:
+        if self.finished or fut.cancelled() or fut.exception() is not None:
+            return
+        if fut.result().get("type") == "http.disconnect" and self._task is not None:
+            self.disconnected = True
+            self._task.cancel()
+
+    def done(self) -> None:
+        self.finished = True
+
+    def close(self) -> None:
+        self.finished = True
+        self._watcher.cancel()
+
+    def take(self) -> bool:
+        """Whether a cancellation was this watch's (the client hung up); it is then absorbed."""
+        if not self.disconnected or self._task is None:
+            return False
+        self._task.uncancel()
+        return True
+
+
 class Proxy:
     """Sends client calls to upstreams and meters every one of them."""
 
@@ -198,28 +237,43 @@ class Proxy:
         in_flight.inc()
         if self.journal is not None:
             self.journal.begin()
+        watch = HangupWatch(receive)
         try:
             path = ep.upstream_path.encode() + (b"?" + query if query else b"")  # ?beta=true reaches upstream
             await self._attempts(targets, ep, path, model, payload, body, stream, client_headers, request_id, call,
-                                 t0, send, receive)
+                                 t0, send, watch)
         except UpstreamError as exc:
             call.error_type = exc.error_type
             call.status = exc.status_code
             raise
+        except asyncio.CancelledError:
+            if not watch.take():
+                raise
+            # the client hung up: the upstream connection is closed already (the task's cancellation
+            # aborted it); what was generated, if anything, is estimated
+            call.outcome = Outcome.CANCELLED
+            call.error_type = ErrorType.CANCELLED
+            if call.output_text is None and call.reported is None:
+                call.output_text = ""  # the prompt was sent: estimate it, and no output
         finally:
-            # the call stays in flight until it is recorded, so a drained gateway has recorded everything
-            try:
-                record = self.recorder.finish(
-                    call, request_id=request_id, operation=ep.operation, model=model, payload=payload,
-                    started_at=started_at, duration=time.perf_counter() - t0, streamed=stream,
-                    session_id=session_id.decode("latin-1")[:128] if session_id else None,
-                    tenant=key.tenant if key is not None else None, key_id=key.id if key is not None else None)
-                if ticket is not None and self.control is not None:
-                    self.control.settle(ticket, record)
-                if self.journal is not None:
-                    self.journal.end()
-            finally:
-                in_flight.dec()
+            watch.close()
+            self.conclude(call, ticket, in_flight, key, request_id=request_id, operation=ep.operation, model=model,
+                          payload=payload, started_at=started_at, duration=time.perf_counter() - t0, streamed=stream,
+                          session_id=session_id.decode("latin-1")[:128] if session_id else None)
+
+    def conclude(self, call: CallState, ticket: Ticket | None, in_flight: Any, key: ClientKey | None,
+                 **fields: Any) -> None:
+        """Record a finished call (``fields`` go to :meth:`Recorder.finish`), settle its reservation,
+        and only then take it out of flight, so a drained gateway has recorded everything."""
+        try:
+            record = self.recorder.finish(call, tenant=key.tenant if key is not None else None,
+                                          key_id=key.id if key is not None else None, **fields)
+            if ticket is not None and self.control is not None:
+                self.control.settle(ticket, record)
+            if self.journal is not None:
+                self.journal.end()
+        finally:
+            in_flight.dec()
 
     def _demand(self, ep: Endpoint, model: str, targets: tuple[tuple[UpstreamConfig, str], ...],
                 payload: dict[str, Any]) -> Demand:
@@ -263,7 +317,7 @@ class Proxy:
 
     async def _attempts(self, targets: tuple[tuple[UpstreamConfig, str], ...], ep: Endpoint, path: bytes, model: str,
                         payload: dict[str, Any], body: bytes, stream: bool, client_headers: Mapping[bytes, bytes],
-                        request_id: str, call: CallState, t0: float, send: Send, receive: Receive) -> None:
+                        request_id: str, call: CallState, t0: float, send: Send, watch: HangupWatch) -> None:
         """Try the targets in order, retrying each as its policy allows, within ``max_attempts`` in all.
 
         Raises the last failure when every target is exhausted. Nothing is retried once a byte
@@ -290,7 +344,7 @@ class Proxy:
                 call.serve(provider_of(up, ep), up.name, target_model)
                 try:
                     await self._forward(up, ep, path, target_body, client_headers, request_id, stream, strip_usage,
-                                        call, t0, send, receive)
+                                        call, t0, send, watch)
                 except UpstreamError as exc:
                     last = exc
                     status = exc.status_code if isinstance(exc, UpstreamStatusError) else None
@@ -329,7 +383,7 @@ class Proxy:
 
     async def _forward(self, up: UpstreamConfig, ep: Endpoint, path: bytes, body: bytes,
                        client_headers: Mapping[bytes, bytes], request_id: str, stream: bool,
-                       strip_usage: bool, call: CallState, t0: float, send: Send, receive: Receive) -> None:
+                       strip_usage: bool, call: CallState, t0: float, send: Send, watch: HangupWatch) -> None:
         resp = await self.pools[up.name].request(path, body,
                                                  self.request_headers(up, client_headers, ep.fmt))
         try:
@@ -337,7 +391,7 @@ class Proxy:
             content_type = resp.header(b"content-type") or "application/json"
             if stream and resp.status == 200 and content_type.startswith("text/event-stream"):
                 follower: StreamFollower = follower_for(ep, strip_usage)
-                await self._stream(up, ep, resp, follower, request_id, call, t0, send, receive)
+                await self._stream(up, ep, resp, follower, request_id, call, t0, send, watch)
                 return
             data = await resp.read()
             if resp.status >= 400:
@@ -353,6 +407,7 @@ class Proxy:
                 raise UpstreamInvalidResponse(f"upstream '{up.name}' answered with an unexpected body",
                                               up.name)
             call.read_response(parsed, ep)
+            watch.done()  # the answer is complete: a client hanging up now has had it
             await send({"type": "http.response.start", "status": resp.status,
                         "headers": self._response_headers(resp, request_id, content_type, call.response_headers)})
             await send({"type": "http.response.body", "body": data, "more_body": False})
@@ -376,24 +431,12 @@ class Proxy:
 
     async def _stream(self, up: UpstreamConfig, ep: Endpoint, resp: UpstreamResponse,
                       follower: StreamFollower, request_id: str, call: CallState, t0: float, send: Send,
-                      receive: Receive) -> None:
+                      watch: HangupWatch) -> None:
         """Pass an SSE stream through as it arrives, metering it on the side.
 
-        A client that hangs up cancels this task (through the watcher on ``receive``): the
-        upstream connection is closed at once and the call recorded as cancelled.
+        A client that hangs up cancels this task (through ``watch``): the upstream connection is
+        closed at once and the call recorded as cancelled (by :meth:`handle`).
         """
-        task = asyncio.current_task()
-        state = {"finished": False, "disconnected": False}
-
-        def on_receive(fut: asyncio.Future[dict[str, Any]]) -> None:
-            if state["finished"] or fut.cancelled() or fut.exception() is not None:
-                return
-            if fut.result().get("type") == "http.disconnect" and task is not None:
-                state["disconnected"] = True
-                task.cancel()
-
-        watcher = asyncio.ensure_future(receive())
-        watcher.add_done_callback(on_receive)
         await send({"type": "http.response.start", "status": 200,
                     "headers": self._response_headers(resp, request_id, "text/event-stream", call.response_headers)})
         perf = time.perf_counter
@@ -412,39 +455,33 @@ class Proxy:
                     if follower.finished:
                         # the client has the whole answer: hanging up now (openai's client closes
                         # at [DONE]) no longer cancels the call; the upstream's end is still read
-                        state["finished"] = True
+                        watch.done()
             except UpstreamError as exc:
                 call.error_type = exc.error_type
                 log.warning("stream %s from %s broke off: %s", request_id, up.name, exc.message)
-                await self._end_stream_with_error(send, exc, ep, state)
+                await self._end_stream_with_error(send, exc, ep, watch)
                 return
             if not follower.finished and follower.error is None:
                 cut = UpstreamInvalidResponse(f"upstream '{up.name}' ended the stream before it was complete",
                                               up.name)
                 call.error_type = cut.error_type
                 log.warning("stream %s: %s", request_id, cut.message)
-                await self._end_stream_with_error(send, cut, ep, state)
+                await self._end_stream_with_error(send, cut, ep, watch)
                 return
-            state["finished"] = True
+            watch.done()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             if follower.error is None:
                 call.outcome = Outcome.SUCCESS
             else:
                 call.error_type = ErrorType.SERVER_ERROR
         except asyncio.CancelledError:
-            if not state["disconnected"] or task is None:
-                raise
-            task.uncancel()
-            call.outcome = Outcome.CANCELLED
-            call.error_type = ErrorType.CANCELLED
             resp.close()  # hang up on the upstream at once
+            raise
         finally:
-            state["finished"] = True
-            watcher.cancel()
             call.take_stream(follower)
 
     @staticmethod
-    async def _end_stream_with_error(send: Send, err: UpstreamError, ep: Endpoint, state: dict[str, bool]) -> None:
+    async def _end_stream_with_error(send: Send, err: UpstreamError, ep: Endpoint, watch: HangupWatch) -> None:
         """End a stream that broke with an error event, so the client does not hang."""
         if ep.fmt == "anthropic":
             event = b"event: error\ndata: " + orjson.dumps(err.anthropic_body()) + b"\n\n"
@@ -453,5 +490,5 @@ class Proxy:
                                                             "message": err.message, "param": None}) + b"\n\n"
         else:
             event = b"data: " + orjson.dumps(err.openai_body()) + b"\n\n"
-        state["finished"] = True
+        watch.done()
         await send({"type": "http.response.body", "body": event, "more_body": False})
