@@ -1,6 +1,6 @@
 """Gateway overhead: the same calls direct to the simulated upstream and through tokenbooth.
 
-    python bench/overhead.py [--duration 10] [--concurrency 1 16] [--stream]
+    python bench/overhead.py [--duration 10] [--concurrency 1 16] [--stream] [--responses]
 
 Needs wrk (Debian package ``wrk``). The simulated upstream answers at once, so every
 microsecond measured through the gateway is the gateway's. The gateway runs with
@@ -21,6 +21,9 @@ from _common import Processes, cpu_seconds, exit_on_sigterm, rss_mb, run_wrk, st
 
 BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello to the benchmark."}],"max_tokens":16}'
 STREAM_BODY = BODY[:-1] + ',"stream":true,"stream_options":{"include_usage":true}}'
+# the Responses API (what the Agents SDK and Codex call): usage in the body, or in the terminal event
+RESPONSES_BODY = '{"model":"gpt-4o-mini","input":"Say hello to the benchmark.","max_output_tokens":16}'
+RESPONSES_STREAM_BODY = RESPONSES_BODY[:-1] + ',"stream":true}'
 
 
 def main() -> None:
@@ -28,6 +31,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--stream", action="store_true", help="also measure streamed calls")
+    parser.add_argument("--responses", action="store_true",
+                        help="also measure the Responses API (/v1/responses), plain and, with --stream, streamed")
     parser.add_argument("--repeat", type=int, default=3, help="runs per scenario; medians are reported")
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -37,21 +42,26 @@ def main() -> None:
         tmp = Path(tmpdir)
         sim_url = start_simulator(procs)
         gw, gw_url = start_tokenbooth(procs, sim_url, tmp / "ledger.db")
-        scenarios = [("chat", BODY, c) for c in args.concurrency]
+        chat, responses = "/chat/completions", "/responses"
+        scenarios = [("chat", chat, BODY, c) for c in args.concurrency]
         if args.stream:
-            scenarios += [("chat-stream", STREAM_BODY, c) for c in args.concurrency]
+            scenarios += [("chat-stream", chat, STREAM_BODY, c) for c in args.concurrency]
+        if args.responses:
+            scenarios += [("responses", responses, RESPONSES_BODY, c) for c in args.concurrency]
+            if args.stream:
+                scenarios += [("responses-stream", responses, RESPONSES_STREAM_BODY, c) for c in args.concurrency]
         print(f"# tokenbooth overhead: median of {args.repeat} runs of {args.duration:.0f} s, "
               "gateway pinned to CPU 0")
         print("| scenario | conc | direct rps | gateway rps | direct p50 ms | gateway p50 ms | added p50 ms "
               "| direct p99 ms | gateway p99 ms | added p99 ms | gateway CPU ms/call | errors |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for name, body, conc in scenarios:
-            run_wrk(f"{gw_url}/chat/completions", body, conc, 2, tmp)  # warm-up
+        for name, path, body, conc in scenarios:
+            run_wrk(f"{gw_url}{path}", body, conc, 2, tmp)  # warm-up
             runs = []
             for _ in range(args.repeat):  # interleaved, so drift on a shared machine hits both sides
-                d = run_wrk(f"{sim_url}/chat/completions", body, conc, args.duration, tmp)
+                d = run_wrk(f"{sim_url}{path}", body, conc, args.duration, tmp)
                 before = cpu_seconds(gw.pid)
-                v = run_wrk(f"{gw_url}/chat/completions", body, conc, args.duration, tmp)
+                v = run_wrk(f"{gw_url}{path}", body, conc, args.duration, tmp)
                 v["cpu_ms"] = (cpu_seconds(gw.pid) - before) * 1000 / max(v["requests"], 1)
                 runs.append((d, v))
             direct = {k: statistics.median(d[k] for d, _ in runs) for k in runs[0][0]}

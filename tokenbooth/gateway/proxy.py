@@ -54,6 +54,7 @@ _FORWARD_RESPONSE = frozenset({
     b"anthropic-ratelimit-requests-reset", b"anthropic-ratelimit-tokens-limit",
     b"anthropic-ratelimit-tokens-remaining", b"anthropic-ratelimit-tokens-reset", b"request-id",
 })
+_WATCH_AFTER = 0.05  # seconds a call runs before its client's hang-up is watched for
 # The upstream's rate-limit headers, replaced by the gateway's own when a key's limits apply.
 _RATE_HEADERS = frozenset(h for h in _FORWARD_RESPONSE if h.startswith(b"x-ratelimit-"))
 
@@ -101,18 +102,27 @@ class HangupWatch:
     """Cancels the task serving a call when its client hangs up, until the answer is complete.
 
     uvicorn's ``receive()`` yields ``http.disconnect`` once the request body is read and the
-    client goes away; the watch waits for it beside the call. ``done()`` ends the watch: from
-    then on (the client has its whole answer) a hang-up no longer cancels anything.
+    client goes away; the watch waits for it beside the call. It starts only once the call has
+    run ``_WATCH_AFTER`` seconds: a call answered sooner (most of them) costs a timer, not a task.
+    ``done()`` ends the watch: from then on (the client has its whole answer) a hang-up no longer
+    cancels anything.
     """
 
-    __slots__ = ("_task", "_watcher", "disconnected", "finished")
+    __slots__ = ("_receive", "_task", "_timer", "_watcher", "disconnected", "finished")
 
     def __init__(self, receive: Receive) -> None:
         self.finished = False
         self.disconnected = False
+        self._receive = receive
         self._task = asyncio.current_task()
-        self._watcher = asyncio.ensure_future(receive())
-        self._watcher.add_done_callback(self._heard)
+        self._watcher: asyncio.Future[dict[str, Any]] | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(_WATCH_AFTER, self._start)
+
+    def _start(self) -> None:
+        self._timer = None
+        if not self.finished:
+            self._watcher = asyncio.ensure_future(self._receive())
+            self._watcher.add_done_callback(self._heard)
 
     def _heard(self, fut: asyncio.Future[dict[str, Any]]) -> None:
         if self.finished or fut.cancelled() or fut.exception() is not None:
@@ -126,7 +136,10 @@ class HangupWatch:
 
     def close(self) -> None:
         self.finished = True
-        self._watcher.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
 
     def take(self) -> bool:
         """Whether a cancellation was this watch's (the client hung up); it is then absorbed."""
