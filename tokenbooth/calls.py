@@ -20,7 +20,8 @@ from tokenbooth.record import NO_USAGE, CallRecord, Operation, Outcome, TokenUsa
 from tokenbooth.streams import AnthropicStream, OpenAIStream, ResponsesStream, StreamFollower
 from tokenbooth.tokens import TokenEstimator, differs, usage_from_anthropic, usage_from_openai, usage_from_responses
 
-__all__ = ["ENDPOINTS", "CallState", "Endpoint", "Format", "Recorder", "follower_for", "response_text"]
+__all__ = ["ENDPOINTS", "CallState", "Endpoint", "Format", "Recorder", "follower_for", "response_text",
+           "unfinished_background"]
 
 log = logging.getLogger("tokenbooth.calls")
 
@@ -53,6 +54,11 @@ def follower_for(ep: Endpoint, strip_usage: bool = False) -> StreamFollower:
     if ep.fmt == "anthropic":
         return AnthropicStream()
     return ResponsesStream() if ep.responses else OpenAIStream(strip_usage)
+
+
+def unfinished_background(parsed: dict[str, Any]) -> bool:
+    """Whether a Responses API object is a background response still queued or in progress."""
+    return parsed.get("background") is True and parsed.get("status") in ("queued", "in_progress")
 
 
 def response_text(parsed: dict[str, Any], fmt: Format, responses: bool = False) -> str:
@@ -101,7 +107,9 @@ class CallState:
 
     def read_response(self, parsed: dict[str, Any], ep: Endpoint) -> None:
         """Take what a successful non-streamed response says: usage, text, served model."""
-        if ep.operation is Operation.COUNT_TOKENS:  # counting tokens uses none: nothing to bill or estimate
+        if ep.operation is Operation.COUNT_TOKENS or (ep.responses and unfinished_background(parsed)):
+            # counting tokens uses none; a background response is charged when it is done (a poll
+            # sees it so), not when it is queued: nothing to bill or estimate now
             self.reported, self.output_text, self.served_model = NO_USAGE, None, None
             self.outcome = Outcome.SUCCESS
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -225,3 +226,25 @@ def test_codex_compaction_is_priced_and_token_counts_are_free(gateway: GatewayHa
         ("responses", usage["input_tokens"], usage["output_tokens"])
     assert compact_row.cost_usd is not None and compact_row.cost_usd > 0
     assert (count_row.operation, count_row.cost_usd, count_row.input_tokens) == ("responses", 0, 0)
+
+
+def test_a_background_response_is_charged_once_when_a_poll_sees_it_done(gateway: GatewayHandle, sim: Any) -> None:
+    client = track(openai.OpenAI(base_url=gateway.url, api_key="k", max_retries=0))
+    queued = client.responses.create(model="gpt-4o-mini", input="write a haiku", background=True)
+    assert queued.status in ("queued", "in_progress")
+    deadline = time.monotonic() + 5
+    polled = client.responses.retrieve(queued.id)
+    while polled.status != "completed" and time.monotonic() < deadline:
+        time.sleep(0.02)
+        polled = client.responses.retrieve(queued.id)
+    assert polled.status == "completed" and polled.usage is not None
+    client.responses.retrieve(queued.id)  # one more look after it was done
+    created, *polls = gateway.rows()
+    assert (created.operation, created.cost_usd, created.input_tokens, created.tokens_estimated) == \
+        ("chat", 0, 0, False)  # queued: nothing to charge yet, nothing estimated
+    charged = [p for p in polls if p.cost_usd]
+    assert len(charged) == 1 and len(polls) >= 2  # once, by the first poll that saw it completed
+    assert (charged[0].input_tokens, charged[0].output_tokens) == (polled.usage.input_tokens,
+                                                                    polled.usage.output_tokens)
+    assert charged[0].model == "gpt-4o-mini" and charged[0].operation == "responses"
+    assert gateway.sample("tokenbooth_cost_usd_total") == pytest.approx(float(charged[0].cost_usd), rel=1e-9)

@@ -10,7 +10,9 @@ and a JSON answer of up to ``_USAGE_BYTES`` is kept beside the stream, to find i
 Each call is one record under an ``operation`` named by the path's family. It is priced from
 the usage it reports (image generation, transcription in tokens, ``responses/compact``);
 moderations, token counts and reads of stored responses cost nothing; anything else is
-unpriced (its cost is unknown, never $0).
+unpriced (its cost is unknown, never $0). A background response, recorded at no cost when it
+was queued, is charged by the first read that sees it finished (remembered per process: two
+replicas polling one response may each charge it once).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ _FAMILIES = {
 # stored responses
 _FREE = frozenset({Operation.MODERATIONS})
 _COMPACT = "/v1/responses/compact"  # Codex's compaction: a generation of its own, priced by its usage
+_TERMINAL = ("completed", "incomplete", "failed", "cancelled")
+_CHARGED_MAX = 100_000
 _USAGE_BYTES = 1 << 20  # a JSON answer up to this size is kept to read its usage
 # hop-by-hop headers, and what no longer holds once the gateway has decoded the body
 _DROP_RESPONSE = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length",
@@ -101,6 +105,7 @@ class Passthrough:
         self.config = config
         router = proxy.router
         named = next((u for u in router.upstreams if u.name == config.upstream), None)
+        self._charged: dict[str, None] = {}  # background responses charged, oldest first
         self.default: UpstreamConfig | None = named or router.wildcard or \
             (router.upstreams[0] if router.upstreams else None)
 
@@ -182,8 +187,23 @@ class Passthrough:
         finally:
             if watch is not None:
                 watch.close()
-            proxy.conclude(call, ticket, in_flight, key, request_id=request_id, operation=op, model=model,
-                           payload={}, started_at=started_at, duration=time.perf_counter() - arrived, streamed=False)
+            proxy.conclude(call, ticket, in_flight, key, request_id=request_id, operation=op,
+                           model=model or call.target_model, payload={}, started_at=started_at,
+                           duration=time.perf_counter() - arrived, streamed=False)
+
+    def _background_done(self, path: str, parsed: Any) -> bool:
+        """Whether this read of a background response is the first to see it finished: the one
+        that charges it (its create was recorded at no cost). Remembered per process."""
+        if not (isinstance(parsed, dict) and parsed.get("background") is True and path.count("/") == 3
+                and parsed.get("status") in _TERMINAL and isinstance(parsed.get("id"), str)):
+            return False
+        rid = parsed["id"]
+        if rid in self._charged:
+            return False
+        self._charged[rid] = None
+        if len(self._charged) > _CHARGED_MAX:
+            self._charged.pop(next(iter(self._charged)))
+        return True
 
     async def _answer(self, resp: Any, call: CallState, op: Operation, path: str, request_id: str, send: Send,
                       watch: HangupWatch) -> None:
@@ -217,7 +237,7 @@ class Passthrough:
             call.reported = NO_USAGE
             return
         call.outcome = Outcome.SUCCESS
-        usage = None
+        usage, parsed = None, None
         if kept:
             try:
                 parsed = orjson.loads(b"".join(kept))
@@ -228,7 +248,9 @@ class Passthrough:
                 usage = usage_from_responses(raw) if "input_tokens" in raw else usage_from_openai(raw)
             served = parsed.get("model") if isinstance(parsed, dict) else None
             call.served_model = served if isinstance(served, str) else None
-        if op is Operation.RESPONSES and path != _COMPACT:
+            if not call.target_model and call.served_model:  # a GET names no model: price by the answer's
+                call.target_model = call.served_model
+        if op is Operation.RESPONSES and path != _COMPACT and not self._background_done(path, parsed):
             usage = None  # a stored response read again: its usage was its own call's, charged then
         call.reported = usage or NO_USAGE
         free = op in _FREE or op is Operation.RESPONSES
