@@ -143,6 +143,7 @@ class Recorder:
         self.tokens = tokens or TokensConfig()
         self.estimator = estimator or TokenEstimator()
         self._rng = random.Random()
+        self._rejected: set[str] = set()  # providers whose absurd usage was logged
 
     def usage(self, call: CallState, model: str, payload: dict[str, Any]) -> tuple[TokenUsage, bool]:
         """The usage to record, and whether it disagrees with a local estimate.
@@ -170,10 +171,26 @@ class Recorder:
                               reasoning=reported.reasoning, estimated=True), False
         return TokenUsage(input=self.estimator.prompt(model, payload), output=est_out, estimated=True), False
 
+    def _reject_usage(self, call: CallState, request_id: str) -> None:
+        """An upstream reported usage no call can have (10**18 prompt tokens): it would poison
+        the metrics and overflow the ledger's columns. The call is estimated instead, flagged,
+        counted, and logged once per provider."""
+        self.meter.metrics.usage_rejected.labels(call.provider).inc()
+        if call.provider not in self._rejected:
+            self._rejected.add(call.provider)
+            log.warning("upstream %s reported usage out of range for request %s (%s); such calls are recorded "
+                        "with a local estimate, counted in tokenbooth_usage_rejected_total",
+                        call.upstream, request_id, call.reported)
+        call.reported = None
+        if call.output_text is None:
+            call.output_text = ""
+
     def finish(self, call: CallState, *, request_id: str, operation: Operation, model: str,
                payload: dict[str, Any], started_at: float, duration: float, streamed: bool,
                session_id: str | None = None, tenant: str | None = None, key_id: str | None = None) -> CallRecord:
         """Build the call's record, meter it, and return it. Never raises for a bad estimate."""
+        if call.reported is not None and not call.reported.sane():
+            self._reject_usage(call, request_id)
         try:
             usage, mismatch = self.usage(call, model, payload)
         except Exception:  # an estimate must never break the call's record

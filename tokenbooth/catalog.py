@@ -75,6 +75,9 @@ CATALOG: tuple[MetricSpec, ...] = (
     _spec("tokenbooth_token_estimate_mismatch_total", "counter",
           "Calls whose local token estimate differed from the reported usage beyond the threshold.",
           "provider model"),
+    _spec("tokenbooth_usage_rejected_total", "counter",
+          "Calls whose reported usage was out of any sane range (over 1e9 tokens of a kind): recorded with "
+          "a local estimate instead, flagged as estimated.", "provider"),
     _spec("tokenbooth_ledger_rows_total", "counter",
           "Ledger rows by result: written, or failed (kept for retry or spilled to a file).", "result"),
     _spec("tokenbooth_ledger_queue_depth", "gauge", "Ledger rows waiting to be written."),
@@ -154,6 +157,7 @@ class Metrics:
         self.fallbacks: Counter = made["fallbacks"]  # type: ignore[assignment]
         self.circuit_state: Gauge = made["circuit_state"]  # type: ignore[assignment]
         self.estimate_mismatch: Counter = made["token_estimate_mismatch"]  # type: ignore[assignment]
+        self.usage_rejected: Counter = made["usage_rejected"]  # type: ignore[assignment]
         self.ledger_rows: Counter = made["ledger_rows"]  # type: ignore[assignment]
         self.ledger_queue_depth: Gauge = made["ledger_queue_depth"]  # type: ignore[assignment]
         self.agent_sessions_active: Gauge = made["agent_sessions_active"]  # type: ignore[assignment]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from tokenbooth.errors import ConfigError, TokenboothError, UsageError
+from tokenbooth.errors import ConfigError, LedgerError, TokenboothError, UsageError
 
 __all__ = ["main"]
 
@@ -288,8 +288,13 @@ def _ledger(args: argparse.Namespace) -> None:
         result = replay(engine, args.file)
     finally:
         engine.dispose()
+    for line in result.bad:
+        print(f"tokenbooth: not loaded: {line}", file=sys.stderr)
     print(f"{result.inserted} rows inserted, {result.skipped} already in the ledger; '{args.file}' is left "
           "as it was: remove it once no gateway writes to it any more (a replay again skips what it holds)")
+    if result.bad:
+        raise LedgerError(f"{len(result.bad)} lines of '{args.file}' were not loaded (listed above); "
+                          "the others were")
 
 
 def _prices(args: argparse.Namespace) -> None:

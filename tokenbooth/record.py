@@ -59,7 +59,14 @@ class TokenUsage:
     def total(self) -> int:
         return self.input + self.output
 
+    def sane(self) -> bool:
+        """Whether every count is one a call can have: 0 to ``MAX_TOKENS``. Upstreams have
+        reported 10**18, which would overflow the ledger's columns and the metrics."""
+        return all(0 <= n <= MAX_TOKENS for n in (self.input, self.output, self.cached_input, self.cache_write,
+                                                   self.reasoning))
 
+
+MAX_TOKENS = 10**9  # of one kind in one call; the largest context windows hold ~10**7
 NO_USAGE = TokenUsage()
 
 

@@ -444,15 +444,17 @@ class Simulator:
         if faulted is not None:
             return faulted
         model = str(payload.get("model", "gpt-4o-mini"))
-        words = self._words(payload, action)
-        usage = self._usage(payload, action, model, "".join(words), "responses" if api == "responses" else flavour)
+        calls = self._function_calls(action) if api == "responses" else []
+        words = [] if calls else self._words(payload, action)
+        text = "".join(c["name"] + c["arguments"] for c in calls) or "".join(words)
+        usage = self._usage(payload, action, model, text, "responses" if api == "responses" else flavour)
         rid = self._id(api)
         created = int(time.time())
         kept = None
         if api == "responses" and (background or payload.get("store") is True):
             kept = self._keep(request, payload, rid, created, model, words, usage, background)
         if payload.get("stream"):
-            events = self._events(payload, api, model, words, usage, rid, created)
+            events = self._events(payload, api, model, words, usage, rid, created, calls)
             resp = await self._stream(request, events, action.get("fault"))
             if kept is not None and not kept.done.is_set():
                 kept.finish("completed")
@@ -464,7 +466,6 @@ class Simulator:
             return _json(kept.body(), {"x-request-id": rid})
         if first + rest:
             await asyncio.sleep(first + rest)
-        text = "".join(words)
         body: dict[str, Any]
         if api == "messages":
             body = {"id": rid, "type": "message", "role": "assistant", "model": model,
@@ -473,7 +474,8 @@ class Simulator:
         elif api == "responses":
             if kept is not None:
                 kept.finish("completed")
-            body = _response_object(rid, created, model, text, usage, "completed", **_response_flags(payload))
+            body = _response_object(rid, created, model, text, usage, "completed", calls,
+                                    **_response_flags(payload))
         elif api == "chat":
             body = {"id": rid, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -484,12 +486,21 @@ class Simulator:
                     "usage": usage}
         return _json(body, {"x-request-id": rid})
 
+    def _function_calls(self, action: dict[str, Any]) -> list[dict[str, Any]]:
+        """A scripted ``{"tool_calls": [{"name": ..., "arguments": {...}}]}`` as Responses API
+        ``function_call`` output items."""
+        return [{"type": "function_call", "id": f"fc_{self.rng.getrandbits(48):012x}",
+                 "call_id": f"call_{self.rng.getrandbits(48):012x}", "name": str(call["name"]),
+                 "arguments": orjson.dumps(call.get("arguments", {})).decode(), "status": "completed"}
+                for call in action.get("tool_calls") or ()]
+
     def _id(self, api: str) -> str:
         prefix = {"chat": "chatcmpl", "completions": "cmpl", "messages": "msg", "responses": "resp"}[api]
         return f"{prefix}-sim{self.rng.getrandbits(48):012x}"
 
     def _events(self, payload: dict[str, Any], api: str, model: str, words: list[str], usage: dict[str, Any],
-                rid: str, created: int) -> tuple[list[bytes], list[bytes], list[bytes]]:
+                rid: str, created: int, calls: list[dict[str, Any]] | None = None
+                ) -> tuple[list[bytes], list[bytes], list[bytes]]:
         """The stream's events: before the content, one per word, after the content."""
         if api == "messages":
             def ev(kind: str, data: dict[str, Any]) -> bytes:
@@ -511,7 +522,7 @@ class Simulator:
                     ev("message_stop", {})]
             return head, body, tail
         if api == "responses":
-            return _response_events(rid, created, model, words, usage, **_response_flags(payload))
+            return _response_events(rid, created, model, words, usage, calls, **_response_flags(payload))
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
         chat = api == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -993,10 +1004,13 @@ def _responses_usage(chat: dict[str, Any]) -> dict[str, Any]:
 
 
 def _response_object(rid: str, created: int, model: str, text: str, usage: dict[str, Any] | None,
-                     status: str, **fields: Any) -> dict[str, Any]:
+                     status: str, calls: list[dict[str, Any]] | None = None, **fields: Any) -> dict[str, Any]:
     message = {"type": "message", "id": "msg_" + rid[5:], "status": status, "role": "assistant",
                "content": [{"type": "output_text", "text": text, "annotations": []}]}
-    output = [message] if text or status == "completed" else []
+    if calls:
+        output = list(calls) if status == "completed" else []
+    else:
+        output = [message] if text or status == "completed" else []
     return {"id": rid, "object": "response", "created_at": created, "status": status, "model": model,
             "output": output, "usage": usage, "error": None, "incomplete_details": None, "instructions": None,
             "metadata": {}, "parallel_tool_calls": True, "temperature": 1.0, "tool_choice": "auto", "tools": [],
@@ -1004,6 +1018,7 @@ def _response_object(rid: str, created: int, model: str, text: str, usage: dict[
 
 
 def _response_events(rid: str, created: int, model: str, words: list[str], usage: dict[str, Any],
+                     calls: list[dict[str, Any]] | None = None,
                      **fields: Any) -> tuple[list[bytes], list[bytes], list[bytes]]:
     """A Responses API stream: created, one output_text.delta per word, completed with the usage.
     The same arguments give the same bytes, so a kept response replays what its stream sent."""
@@ -1014,6 +1029,22 @@ def _response_events(rid: str, created: int, model: str, words: list[str], usage
         return (b"event: " + kind.encode() + b"\ndata: "
                 + orjson.dumps({"type": kind, "sequence_number": next(seq), **data}) + b"\n\n")
 
+    if calls:
+        created_event = ev("response.created", {"response": _response_object(rid, created, model, "", None,
+                                                                             "in_progress", calls, **fields)})
+        items = []
+        for i, call in enumerate(calls):
+            items += [ev("response.output_item.added", {"output_index": i,
+                                                        "item": {**call, "arguments": "", "status": "in_progress"}}),
+                      ev("response.function_call_arguments.delta", {"item_id": call["id"], "output_index": i,
+                                                                    "delta": call["arguments"]}),
+                      ev("response.function_call_arguments.done", {"item_id": call["id"], "output_index": i,
+                                                                   "name": call["name"],
+                                                                   "arguments": call["arguments"]}),
+                      ev("response.output_item.done", {"output_index": i, "item": call})]
+        completed = ev("response.completed", {"response": _response_object(rid, created, model, "", usage,
+                                                                           "completed", calls, **fields)})
+        return [created_event], items, [completed]
     text = "".join(words)
     head = [ev("response.created", {"response": _response_object(rid, created, model, "", None, "in_progress",
                                                                  **fields)}),

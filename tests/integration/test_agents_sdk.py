@@ -85,8 +85,6 @@ def test_an_agent_turn_is_metered_call_by_call(gateway: GatewayHandle, sim: SimH
     assert_metered(gateway, result, stream)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the simulator cannot yet script a function_call output item on /v1/responses")
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_tool_using_turn_is_metered_call_by_call(gateway: GatewayHandle, sim: SimHandle, stream: bool) -> None:
     sim.script([{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}, {}])

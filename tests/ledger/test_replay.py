@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -83,14 +84,43 @@ def test_spilled_rows_replay_exactly_and_only_once(tmp_path: Path, ledger: sa.En
     (b"[1, 2]", "spill.jsonl:2: not a JSON object"),
     (b'{"request_id": "x"}', "spill.jsonl:2: no 'started_at' for a tokenbooth_calls row"),
 ])
-def test_a_bad_line_names_itself_and_nothing_is_written(tmp_path: Path, line: bytes, message: str) -> None:
+def test_a_bad_line_names_itself_and_the_good_ones_are_loaded(tmp_path: Path, line: bytes, message: str) -> None:
     spill = _spill(tmp_path, [record(1)])
     spill.write_bytes(spill.read_bytes() + line + b"\n")
     engine = connect(f"sqlite:///{tmp_path / 'ledger.db'}")
-    with pytest.raises(UsageError, match=message):
-        replay(engine, spill)
+    result = replay(engine, spill)
+    assert (result.inserted, len(result.bad)) == (1, 1) and message.split(":", 2)[2] in result.bad[0]
+    assert result.bad[0].startswith(str(spill) + ":2:")
     with engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(calls)).scalar_one() == 0
+        assert conn.execute(sa.select(sa.func.count()).select_from(calls)).scalar_one() == 1
+
+
+def test_a_file_with_no_good_line_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    spill = tmp_path / "notes.txt"
+    spill.write_bytes(b"hello\nworld\n")
+    engine = connect(f"sqlite:///{tmp_path / 'ledger.db'}")
+    with pytest.raises(UsageError, match=r"notes.txt:1: not a JSON line; is this a tokenbooth spill file\? "
+                                         r"\(and 1 more bad lines\)"):
+        replay(engine, spill)
+
+
+def test_a_row_the_ledger_cannot_hold_is_reported_and_its_neighbours_loaded(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spill = _spill(tmp_path, [record(1), record(2), record(3)])
+    lines = spill.read_bytes().splitlines()
+    # 10**19 tokens: out of SQLite's INTEGER range (its driver raises OverflowError, no DataError)
+    poisoned = re.sub(rb'"input_tokens":\d+', b'"input_tokens":10000000000000000000', lines[1])
+    spill.write_bytes(b"\n".join([lines[0], poisoned, lines[2], b"garbage"]) + b"\n")
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    connect(db).dispose()
+    assert main(["ledger", "replay", str(spill), "--db", db]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("2 rows inserted, 0 already in the ledger")
+    assert f"not loaded: {spill}:2: the ledger refused the row: " in err
+    assert f"not loaded: {spill}:4: not a JSON line" in err
+    assert err.strip().splitlines()[-1] == (f"tokenbooth: error: 2 lines of '{spill}' were not loaded (listed "
+                                            "above); the others were")
+    assert "Traceback" not in err
 
 
 def test_a_bad_value_or_column_is_refused(tmp_path: Path) -> None:

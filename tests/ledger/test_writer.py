@@ -218,6 +218,30 @@ def test_a_row_the_database_refuses_is_spilled_and_the_others_written(ledger_url
     engine.dispose()
 
 
+def test_a_row_out_of_any_columns_range_is_spilled_alone_and_the_others_written(ledger_url: str,
+                                                                                  tmp_path: Path) -> None:
+    """A driver error that is not a DataError (SQLite's OverflowError on 10**19) isolates its row too."""
+    import dataclasses
+
+    engine = connect(ledger_url)
+    registry = CollectorRegistry()
+    spill = tmp_path / "spill.jsonl"
+    writer = LedgerWriter(engine, Metrics(registry), batch_size=8, flush_interval=0.01, spill_path=spill)
+    writer.start()
+    bad = dataclasses.replace(record(3), usage=TokenUsage(input=10**19, output=5))
+    for i in range(12):
+        writer.submit(bad if i == 3 else record(i))
+    assert writer.flush(10), "a row out of range must not hold up the ledger"
+    assert registry.get_sample_value("tokenbooth_ledger_queue_depth") == 0
+    writer.close()
+    assert _count(engine) == 11
+    lines = spill.read_bytes().splitlines()
+    assert len(lines) == 1 and orjson.loads(lines[0])["request_id"] == bad.request_id
+    assert registry.get_sample_value("tokenbooth_ledger_rows_total", {"result": "written"}) == 11
+    assert registry.get_sample_value("tokenbooth_ledger_rows_total", {"result": "failed"}) == 1
+    engine.dispose()
+
+
 def test_client_strings_fit_their_columns(ledger_url: str) -> None:
     import dataclasses
 

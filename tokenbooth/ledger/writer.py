@@ -24,7 +24,8 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Engine
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from tokenbooth.catalog import Metrics
 from tokenbooth.ledger.journal import Journal
@@ -33,7 +34,7 @@ from tokenbooth.record import CallRecord, SessionRecord
 
 Record = CallRecord | SessionRecord
 
-__all__ = ["LedgerWriter"]
+__all__ = ["LedgerWriter", "is_outage"]
 
 log = logging.getLogger("tokenbooth.ledger")
 
@@ -63,6 +64,18 @@ def _yield_to_the_request_path() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + _WRITER_NICE, 19))
     except OSError as exc:  # a sandbox may forbid it; the writer works all the same
         log.debug("ledger writer keeps its priority: %s", exc)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a failed write says the database is away (retry it), not that a row is bad.
+
+    Connection, lock and pool errors are outages. Anything else (DataError, IntegrityError,
+    a driver's OverflowError on a value out of range, ...) may be a row's own fault: the batch
+    is then written row by row, and only a row that fails alone is spilled.
+    """
+    if isinstance(exc, (OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def _reason(exc: BaseException) -> str:
@@ -214,6 +227,7 @@ class LedgerWriter:
                         time.sleep(0)  # hand the GIL back to the event loop between slices
             if batch:
                 self._write(batch, final=stop, rows=rows)
+                self._depth.set(self._queue.qsize())  # what is left once this batch is in
             for marker in markers:
                 marker.done.set()
 
@@ -229,17 +243,20 @@ class LedgerWriter:
             chunk = rows[done:done + (1 if done < one_by_one_until else self.batch_size)]
             try:
                 self._insert(chunk)
-            except (DataError, IntegrityError) as exc:  # a row the database refuses, not an outage
-                reason = _reason(exc)
-                if len(chunk) > 1:
-                    log.warning("ledger refused a batch (%s); writing its %d rows one by one", reason, len(chunk))
-                    one_by_one_until = done + len(chunk)
-                else:  # this is the row: keep it in the spill file and go on with the others
-                    self._spill(batch[done:done + 1], reason)
-                    done += 1
-                attempt = 0
-                continue
-            except Exception as exc:  # the database is down, locked, or gone
+            except Exception as exc:
+                if not is_outage(exc):  # a row the database refuses, not an outage
+                    reason = _reason(exc)
+                    if len(chunk) > 1:
+                        log.warning("ledger refused a batch (%s); writing its %d rows one by one", reason,
+                                    len(chunk))
+                        one_by_one_until = done + len(chunk)
+                    else:  # this is the row: keep it in the spill file and go on with the others
+                        self._spill(batch[done:done + 1], reason)
+                        done += 1
+                    attempt = 0
+                    continue
+                # the database is down, locked, or gone
+                self._depth.set(self._queue.qsize() + len(batch) - done)  # the backlog includes this batch
                 if not final and self._queue.qsize() >= self.max_queue:
                     # a long outage: rows wait on disk for a replay, not in memory without bound
                     self._spill(batch[done:], f"{_reason(exc)}; {self._queue.qsize()} more rows queued")
