@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
+import pytest
 
 from tests.conftest import GatewayHandle, SimHandle
 
@@ -24,3 +27,18 @@ def test_absurd_usage_from_an_upstream_is_estimated_flagged_counted_and_never_st
     assert gateway.sample("tokenbooth_usage_rejected_total", provider="openai") == 2
     assert gateway.sample("tokenbooth_tokens_total", type="input") < 1000  # the metrics never show 1e18
     assert gateway.sample("tokenbooth_ledger_rows_total", result="failed") == 0
+
+
+def test_an_upstream_error_quoting_the_upstream_key_reaches_the_client_redacted(
+        make_gateway: Callable[..., GatewayHandle], sim: SimHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "sk-upstream-secret-0123456789"
+    monkeypatch.setenv("SIM_KEY", key)
+    gw = make_gateway([{"name": "sim", "base_url": sim.url, "api_key_env": "SIM_KEY"}])
+    quoted = {"status": 401, "message": f"Incorrect API key provided: {key}."}
+    sim.script([quoted, quoted])
+    chat = httpx.post(f"{gw.url}/chat/completions", json=CHAT)
+    moderation = httpx.post(f"{gw.url}/moderations", json={"input": "hi"})  # passed through
+    for r in (chat, moderation):
+        assert r.status_code == 401
+        assert key not in r.text and "Incorrect API key provided: [redacted]." in r.json()["error"]["message"]
+    assert len(gw.rows()) == 2

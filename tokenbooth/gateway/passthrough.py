@@ -220,6 +220,11 @@ class Passthrough:
             kept: list[bytes] | None = [] if json_answer else None
             size = 0
             await send({"type": "http.response.start", "status": resp.status, "headers": out})
+            if resp.status >= 400:  # an error answer is small: read whole, so no upstream key it quotes gets out
+                body = self.proxy.redact(await resp.read())
+                if kept is not None:
+                    kept.append(body)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
             async for chunk in resp:
                 if kept is not None:
                     size += len(chunk)

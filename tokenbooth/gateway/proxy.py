@@ -168,6 +168,8 @@ class Proxy:
                       for up in router.upstreams}
         # Keys are read from their env vars once, at start-up, and live only in these headers.
         self._keys = {up.name: key for up in router.upstreams if (key := up.api_key())}
+        # an upstream (a relay, say) may quote the key it was sent in an error: never to the client
+        self._secrets = tuple({key.encode() for key in self._keys.values() if len(key) >= 8})
         self._fixed = {(up.name, fmt): self._fixed_headers(up, fmt)
                        for up in router.upstreams for fmt in ("openai", "anthropic")}
         self.max_attempts = max_attempts
@@ -184,6 +186,13 @@ class Proxy:
             log.warning("circuit of upstream %s is now %s", upstream, state.name.lower().replace("_", "-"))
 
         return on_change
+
+    def redact(self, data: bytes) -> bytes:
+        """``data`` with every upstream key in it replaced by ``[redacted]``."""
+        for secret in self._secrets:
+            if secret in data:
+                data = data.replace(secret, b"[redacted]")
+        return data
 
     def close(self) -> None:
         """Close the idle upstream connections."""
@@ -408,7 +417,7 @@ class Proxy:
                 return
             data = await resp.read()
             if resp.status >= 400:
-                raise UpstreamStatusError(resp.status, data, content_type, up.name,
+                raise UpstreamStatusError(resp.status, self.redact(data), content_type, up.name,
                                           resp.header(b"retry-after"), resp.header(b"retry-after-ms"))
             try:
                 parsed = orjson.loads(data)

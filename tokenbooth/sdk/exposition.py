@@ -28,8 +28,10 @@ def metrics_registry(registry: CollectorRegistry | None = None) -> CollectorRegi
     return registry if registry is not None else REGISTRY
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0", registry: CollectorRegistry | None = None) -> Any:
-    """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns the server (``shutdown()`` stops it)."""
+def start_metrics_server(port: int, addr: str = "127.0.0.1", registry: CollectorRegistry | None = None) -> Any:
+    """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns the server (``shutdown()`` stops it).
+
+    Loopback by default, as the gateway: pass ``addr="0.0.0.0"`` for a Prometheus on another host."""
     server, _thread = start_http_server(port, addr, registry=metrics_registry(registry))
     return server
 
