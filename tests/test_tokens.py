@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tokenbooth.record import TokenUsage
@@ -76,3 +78,11 @@ def test_counting_does_not_import_the_bpe_openai_package() -> None:
             "print('bpe_openai' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_message_nested_a_thousand_levels_deep_is_counted_not_a_recursion_error() -> None:
+    content: Any = "innermost"
+    for _ in range(1000):
+        content = [content, {"type": "text", "text": "word"}]
+    payload = {"messages": [{"role": "user", "content": content}]}
+    assert TokenEstimator().prompt("gpt-4o", payload) > 30  # the parts within reach are counted

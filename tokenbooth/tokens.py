@@ -139,12 +139,23 @@ def heuristic_tokens(text: str) -> int:
 
 
 def _flatten(content: Any) -> str:
-    """The text of a message's content: a string, or a list of parts with ``text``."""
+    """The text of a message's content: a string, or a list of parts with ``text`` (lists nested
+    in lists too, walked without recursion and at most ``_MAX_DEPTH`` deep, so a hostile body
+    1,000 levels deep is counted, not a RecursionError)."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        return " ".join(_flatten(part.get("text") if isinstance(part, dict) else part) for part in content)
-    return ""
+    parts: list[str] = []
+    stack = [(content, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            parts.append(item)
+        elif isinstance(item, list) and depth < _MAX_DEPTH:
+            stack.extend((p.get("text") if isinstance(p, dict) else p, depth + 1) for p in reversed(item))
+    return " ".join(parts)
+
+
+_MAX_DEPTH = 32
 
 
 class TokenEstimator:
