@@ -294,10 +294,11 @@ def exit_on_sigterm() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def start_simulator(procs: Processes) -> str:
-    """Start ``tokenbooth simulate`` (0 ms latency, no faults) on the load CPU; returns its ``/v1`` URL."""
+def start_simulator(procs: Processes, stderr: int | IO[str] | None = None) -> str:
+    """Start ``tokenbooth simulate`` (0 ms latency, no faults) on the load CPU; returns its ``/v1`` URL.
+    ``stderr``: where its error output goes (a file, to keep aiohttp's Tracebacks), else the terminal."""
     sim = procs.start(pinned(LOAD_CPU, [*TB, "simulate", "--port", "0", "--seed", "1"]),
-                      stop_signal=signal.SIGINT, grace=10, stdout=subprocess.PIPE)
+                      stop_signal=signal.SIGINT, grace=10, stdout=subprocess.PIPE, stderr=stderr)
     assert sim.stdout is not None
     line = sim.stdout.readline()
     m = re.search(r"http://\S+/v1", line)

@@ -44,7 +44,8 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": Endpoint(Operation.CHAT, "/chat/completions", "messages"),
     "/v1/completions": Endpoint(Operation.TEXT_COMPLETION, "/completions", "prompt"),
     "/v1/embeddings": Endpoint(Operation.EMBEDDINGS, "/embeddings", "input"),
-    "/v1/responses": Endpoint(Operation.CHAT, "/responses", "input", responses=True),
+    # no field is required: a call may continue with previous_response_id, a prompt or a conversation
+    "/v1/responses": Endpoint(Operation.CHAT, "/responses", "", responses=True),
     "/v1/messages": Endpoint(Operation.CHAT, "/messages", "messages", "anthropic"),
     "/v1/messages/count_tokens": Endpoint(Operation.COUNT_TOKENS, "/messages/count_tokens", "messages", "anthropic"),
 }

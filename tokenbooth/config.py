@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tokenbooth.errors import ConfigError
 
 __all__ = ["AuthConfig", "BudgetConfig", "BudgetsConfig", "CircuitConfig", "LedgerConfig", "LimitsConfig",
-           "NotifyConfig", "PassthroughConfig", "PricingConfig", "RedisConfig", "RetryConfig", "RobotConfig",
-           "RouteTarget", "Settings", "StackConfig", "TenantConfig", "TokensConfig", "UpstreamConfig",
+           "NotifyConfig", "PassthroughConfig", "PricingConfig", "RedisConfig", "RequestLimitsConfig", "RetryConfig",
+           "RobotConfig", "RouteTarget", "Settings", "StackConfig", "TenantConfig", "TokensConfig", "UpstreamConfig",
            "load_settings"]
 
 ENV_PREFIX = "TOKENBOOTH_"
@@ -446,6 +446,14 @@ class StackConfig(_Model):
         return self
 
 
+class RequestLimitsConfig(_Model):
+    """What one client request may be: bodies past these are refused before they fill memory."""
+
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # a JSON call's body (and a webhook's): 413 past it
+    max_upload_bytes: int = Field(1024 * 1024 * 1024, ge=1024)  # a passed-through body, which streams: 413 past it
+    max_model_length: int = Field(256, ge=8, le=4096)  # characters of a model name: 400 past it
+
+
 class PassthroughConfig(_Model):
     """Every other ``/v1/`` path (files, batches, audio, images, moderations, ...), forwarded as it is."""
 
@@ -476,6 +484,7 @@ class Settings(_Model):
     budgets: BudgetsConfig = BudgetsConfig()
     redis: RedisConfig = RedisConfig()
     passthrough: PassthroughConfig = PassthroughConfig()
+    limits: RequestLimitsConfig = RequestLimitsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     graceful_shutdown: float = Field(30.0, ge=0)  # seconds to drain in-flight calls on SIGTERM
     workers: int = Field(1, ge=1, le=64)  # gateway processes sharing the port

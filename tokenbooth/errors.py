@@ -171,6 +171,18 @@ class InvalidRequest(RequestError):
         return body
 
 
+class RequestTooLarge(RequestError):
+    """A request body past the gateway's limit (``limits.max_request_bytes``)."""
+
+    status_code = 413
+    code = "request_too_large"
+    reject_reason = "too_large"
+
+    def __init__(self, limit: int, what: str = "request body") -> None:
+        super().__init__(f"The {what} is larger than this gateway accepts ({limit} bytes; "
+                         "limits.max_request_bytes).")
+
+
 class NotFound(RequestError):
     """No such route."""
 

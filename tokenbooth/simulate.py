@@ -807,7 +807,11 @@ class Simulator:
             raise _Refusal("Expected a multipart/form-data body with 'purpose' and 'file'.", param="file")
         limit = self.config.max_upload_bytes
         purpose, filename, size, content, seen = b"", None, 0, bytearray(), 0
-        async for part in await request.multipart():
+        try:
+            reader = await request.multipart()
+        except (ValueError, AssertionError):  # no boundary in the Content-Type
+            raise _Refusal("Expected a multipart/form-data body with a boundary.", param="file") from None
+        async for part in reader:
             if not isinstance(part, BodyPartReader):
                 raise _Refusal("Nested multipart bodies are not supported.", param="file")
             if part.name == "file":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import socket
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -42,3 +44,90 @@ def test_an_upstream_error_quoting_the_upstream_key_reaches_the_client_redacted(
         assert r.status_code == 401
         assert key not in r.text and "Incorrect API key provided: [redacted]." in r.json()["error"]["message"]
     assert len(gw.rows()) == 2
+
+
+def _raw(port: int, head: bytes, chunks: Iterator[bytes] | None = None) -> bytes:
+    """Send a request's head, then body chunks until the gateway answers; return what it said."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = b""
+        sock.setblocking(False)
+        for chunk in chunks or ():
+            with contextlib.suppress(BlockingIOError):
+                answer += sock.recv(65536)
+            if answer:
+                break
+            try:
+                sock.sendall(chunk)
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                break
+        sock.setblocking(True)
+        sock.settimeout(10)
+        while b"\r\n\r\n" not in answer:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+        return answer
+
+
+def test_a_body_past_the_limit_is_refused_with_413_before_it_fills_memory(
+        make_gateway: Callable[..., GatewayHandle], sim: SimHandle) -> None:
+    gw = make_gateway([{"name": "sim", "base_url": sim.url}], limits={"max_request_bytes": 1 << 20})
+    before = _rss_mb()
+    declared = _raw(gw.port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                             b"content-length: 104857600\r\n\r\n")  # 100 MB announced, not one byte sent
+    assert declared.startswith(b"HTTP/1.1 413")
+    chunk = b"x" * 65536
+    streamed = _raw(gw.port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n",
+                    (b"%x\r\n%b\r\n" % (len(chunk), chunk) for _ in range(1600)))  # up to 100 MB, chunked
+    assert streamed.startswith(b"HTTP/1.1 413")
+    assert _rss_mb() - before < 10
+    r = httpx.post(f"{gw.url}/chat/completions", content=b"{" + b" " * (2 << 20) + b"}",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert "limits.max_request_bytes" in r.json()["error"]["message"]
+    webhook = httpx.post(f"{gw.base}/alertmanager/webhook/slack", content=b"x" * (2 << 20))
+    assert webhook.status_code == 413
+    assert gw.sample("tokenbooth_rejected_requests_total", reason="too_large") == 4
+    assert sim.stats()["total"] == 0
+
+
+def test_an_upload_past_its_limit_is_refused_and_a_long_model_name_is_a_400(
+        make_gateway: Callable[..., GatewayHandle], sim: SimHandle) -> None:
+    gw = make_gateway([{"name": "sim", "base_url": sim.url}], limits={"max_upload_bytes": 1 << 20})
+    r = httpx.post(f"{gw.url}/files", files={"file": ("a.jsonl", b"x" * (2 << 20))}, data={"purpose": "batch"})
+    assert r.status_code == 413 and "upload" in r.json()["error"]["message"]
+
+
+    def multipart() -> Iterator[bytes]:  # 4 MB with no Content-Length (chunked): counted as it streams
+        yield (b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--b\r\n'
+               b'Content-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n')
+        for _ in range(64):
+            yield b"x" * 65536
+        yield b"\r\n--b--\r\n"
+
+    r = httpx.post(f"{gw.url}/files", content=multipart(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413
+    r = httpx.post(f"{gw.url}/chat/completions", json={**CHAT, "model": "m" * 300})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    assert "limits.max_model_length" in r.json()["error"]["message"]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_an_encoded_line_break_in_a_passed_through_path_cannot_split_the_upstream_request(
+        gateway: GatewayHandle, sim: SimHandle) -> None:
+    smuggled = ("/v1/files/x%20HTTP/1.1%0D%0Ahost%3A%20a%0D%0Acontent-length%3A%200%0D%0A%0D%0A"
+                "POST%20/v1/chat/completions%20HTTP/1.1%0D%0Ahost%3A%20a%0D%0A%0D%0A")
+    r = httpx.get(f"{gateway.base}{smuggled}")
+    assert r.status_code == 404  # the upstream saw one request for an odd file name: no such file
+    assert sim.stats()["requests"].get("/v1/chat/completions", 0) == 0
+    assert [row.operation for row in gateway.rows()] == ["files"]

@@ -26,9 +26,11 @@ from tokenbooth.control.controller import Controller
 from tokenbooth.errors import (
     AuthError,
     CircuitOpen,
+    InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
+    RequestTooLarge,
     TokenboothError,
     UpstreamStatusError,
 )
@@ -48,9 +50,10 @@ __all__ = ["Gateway", "build_gateway"]
 
 log = logging.getLogger("tokenbooth.gateway")
 
-REJECT_REASONS = ("auth", "budget", "rate_limit", "concurrency", "invalid_request", "not_found")
+REJECT_REASONS = ("auth", "budget", "rate_limit", "concurrency", "invalid_request", "not_found", "too_large")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 _JSON = (b"content-type", b"application/json")
+_SAFE_PATH = re.compile(rb"^/v1/[\x21-\x7e]*$")  # printable ASCII, no space: nothing that ends a request line
 _MODELS = re.compile(r"^/v1/models(/[^/]+)?$")  # the gateway's own answer: configured models first
 
 
@@ -65,7 +68,9 @@ class Gateway:
         self.ledger = ledger
         self.control: Controller | None = proxy.control
         # every other /v1/ path, forwarded; None when passthrough.enabled is false
-        self.passthrough = Passthrough(proxy, settings.passthrough) if settings.passthrough.enabled else None
+        self.passthrough = Passthrough(proxy, settings.passthrough, settings.limits.max_upload_bytes) \
+            if settings.passthrough.enabled else None
+        self._max_body = settings.limits.max_request_bytes
         self._rejected = proxy.meter.metrics.rejected
         for reason in REJECT_REASONS:  # at 0 from the start, so the first refusal shows in increase()
             self._rejected.labels(reason)
@@ -133,19 +138,25 @@ class Gateway:
                 if method != "POST":
                     raise MethodNotAllowed(f"Use POST for {path}.")
                 key = self.control.authenticate(headers) if self.control is not None else None
-                body = await _read_body(receive)
+                body = await _read_body(receive, headers, self._max_body)
                 await self.proxy.handle(endpoint, body, headers, request_id, send, receive, arrived, key,
                                         scope.get("query_string", b""))
             elif path.startswith(WEBHOOK_PREFIX):
                 if method != "POST":
                     raise MethodNotAllowed(f"Use POST for {path}.")
                 self._check_admin(headers)
-                reply = await self.notifier.handle(path.removeprefix(WEBHOOK_PREFIX), await _read_body(receive))
+                reply = await self.notifier.handle(path.removeprefix(WEBHOOK_PREFIX),
+                                                   await _read_body(receive, headers, self._max_body))
                 await _respond(send, 200, reply, b"application/json")
             elif self.passthrough is not None and path.startswith("/v1/") and not _MODELS.match(path):
+                # forwarded as the client wrote it (still percent-encoded): a decoded %0D%0A would
+                # split the upstream request
+                raw = scope.get("raw_path") or path.encode()
+                if not _SAFE_PATH.match(raw):
+                    raise InvalidRequest("The request path has characters a URL path may not hold.")
                 key = self.control.authenticate(headers) if self.control is not None else None
-                await self.passthrough.handle(method, path, scope.get("query_string", b""), headers, request_id,
-                                              send, receive, arrived, key)
+                await self.passthrough.handle(method, raw.decode("ascii"), scope.get("query_string", b""), headers,
+                                              request_id, send, receive, arrived, key)
             elif method not in ("GET", "HEAD"):
                 raise NotFound(f"Unknown request URL: {method} {path}.")
             elif path == "/metrics":
@@ -235,15 +246,27 @@ def _tune_interpreter() -> None:
     gc.freeze()
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to pass ``limit`` bytes: by its
+    Content-Length before a byte is read, or as it arrives."""
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(limit)
     message = await receive()
     body: bytes = message.get("body", b"")
     if not message.get("more_body"):
+        if len(body) > limit:
+            raise RequestTooLarge(limit)
         return body
     parts = [body]
+    size = len(body)
     while message.get("more_body"):
         message = await receive()
-        parts.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(limit)
+        parts.append(chunk)
     return b"".join(parts)
 
 
@@ -285,7 +308,8 @@ def build_gateway(settings: Settings, registry: CollectorRegistry | None = None)
     estimator.warm()
     proxy = Proxy(router, meter, prices, settings.tokens, estimator, max_attempts=settings.max_attempts,
                   journal=ledger.journal if ledger is not None else None, control=build_controller(settings, metrics),
-                  default_max_tokens=settings.budgets.default_max_tokens)
+                  default_max_tokens=settings.budgets.default_max_tokens,
+                  max_model_length=settings.limits.max_model_length)
     return Gateway(settings, proxy, exposed, ledger)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import re
 import ssl
 import zlib
 from collections.abc import AsyncIterator, Iterable
@@ -37,6 +38,7 @@ import httptools
 
 from tokenbooth.config import TimeoutConfig
 from tokenbooth.errors import (
+    InvalidRequest,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamError,
@@ -51,6 +53,7 @@ _HIGH_WATER = 256 * 1024  # unread body bytes at which reading from the upstream
 _DECODERS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
 
 
+_SAFE_TARGET = re.compile(rb"^/[\x21-\x7e]*$")
 _BODILESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
 
 
@@ -432,6 +435,8 @@ class Pool:
         chunks it yields, sent as they come (``length`` bytes in all, or chunked when it is None),
         so an upload is never held whole. Raises an :class:`UpstreamError`.
         """
+        if not _SAFE_TARGET.match(path):  # a second defence: no byte that ends or splits a request line
+            raise InvalidRequest("The request path or query has characters a URL may not hold.")
         if stream is None:
             framing = b"content-length: %d\r\n" % len(body) if body or method not in _BODILESS else b""
         else:

@@ -28,7 +28,15 @@ from tokenbooth.calls import CallState
 from tokenbooth.config import PassthroughConfig, UpstreamConfig
 from tokenbooth.control.controller import Demand, Ticket
 from tokenbooth.control.keys import ClientKey
-from tokenbooth.errors import ErrorType, InvalidRequest, ModelNotFound, NotFound, UpstreamError, classify_status
+from tokenbooth.errors import (
+    ErrorType,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    RequestTooLarge,
+    UpstreamError,
+    classify_status,
+)
 from tokenbooth.gateway.proxy import HangupWatch, Proxy, Receive, Send
 from tokenbooth.record import NO_USAGE, Operation, Outcome
 from tokenbooth.tokens import usage_from_openai, usage_from_responses
@@ -75,12 +83,17 @@ def family(path: str) -> Operation:
     return _FAMILIES.get(path[4:].split("/", 1)[0], Operation.OTHER)
 
 
-async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+async def _body_chunks(receive: Receive, limit: int | None = None) -> AsyncIterator[bytes]:
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise _ClientGone
-        yield message.get("body", b"")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise RequestTooLarge(limit, "upload")
+        yield chunk
         if not message.get("more_body"):
             return
 
@@ -100,9 +113,10 @@ async def _read_bounded(receive: Receive, limit: int) -> bytes:
 class Passthrough:
     """Forwards the ``/v1/`` paths the gateway has no endpoint of its own for (see the module)."""
 
-    def __init__(self, proxy: Proxy, config: PassthroughConfig) -> None:
+    def __init__(self, proxy: Proxy, config: PassthroughConfig, max_upload: int = 1 << 30) -> None:
         self.proxy = proxy
         self.config = config
+        self.max_upload = max_upload
         router = proxy.router
         named = next((u for u in router.upstreams if u.name == config.upstream), None)
         self._charged: dict[str, None] = {}  # background responses charged, oldest first
@@ -129,6 +143,8 @@ class Passthrough:
             length = int(length_header) if length_header is not None else None
         except ValueError:
             raise InvalidRequest("The Content-Length header is not a number.") from None
+        if length is not None and length > self.max_upload:
+            raise RequestTooLarge(self.max_upload, "upload")
         has_body = length != 0 and (length is not None or b"transfer-encoding" in headers)
         body, stream, model = b"", None, ""
         if has_body and content_type.split(b";")[0].strip() == b"application/json" \
@@ -144,7 +160,7 @@ class Passthrough:
             except (orjson.JSONDecodeError, AttributeError):
                 pass  # forwarded as it is: the upstream says what is wrong with it
         elif has_body:
-            stream = _body_chunks(receive)
+            stream = _body_chunks(receive, self.max_upload)
         up = self._upstream(model)
         proxy = self.proxy
         ticket: Ticket | None = None

@@ -155,8 +155,9 @@ class Proxy:
     def __init__(self, router: Router, meter: Meter, prices: PriceBook,
                  tokens: TokensConfig | None = None, estimator: TokenEstimator | None = None, *,
                  max_attempts: int = 6, journal: Journal | None = None, control: Controller | None = None,
-                 default_max_tokens: int = 4096) -> None:
+                 default_max_tokens: int = 4096, max_model_length: int = 256) -> None:
         self.router = router
+        self.max_model_length = max_model_length
         self.control = control
         self.default_max_tokens = default_max_tokens
         # in keys mode a client's own credentials (its tokenbooth key) never go upstream
@@ -231,7 +232,10 @@ class Proxy:
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidRequest("you must provide a model parameter", "model")
-        if ep.required not in payload:
+        if len(model) > self.max_model_length:  # names are cached and labelled: their size is bounded
+            raise InvalidRequest(f"The model name is longer than {self.max_model_length} characters "
+                                 "(limits.max_model_length).", "model")
+        if ep.required and ep.required not in payload:
             raise InvalidRequest(f"Missing required parameter: '{ep.required}'.", ep.required)
         stream = payload.get("stream")
         if stream is None:  # OpenAI's spec: nullable, default false
