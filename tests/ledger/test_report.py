@@ -81,3 +81,15 @@ def test_formats(ledger: str) -> None:
     assert parsed[1]["requests"] == "4"
     table = render(rows, "table", "provider")
     assert "TOTAL" in table and "openai" in table and "0.750000" in table
+
+
+def test_client_chosen_names_cannot_drive_a_terminal_or_a_spreadsheet() -> None:
+    from tokenbooth.ledger.report import ReportRow
+
+    names = ["\x1b[31mred\x1b[0m\x07", "=HYPERLINK(\"http://x\",\"y\")", "[bold]markup[/bold]", "-1+2", "plain"]
+    rows = [ReportRow(n, 1, 0, 1, 1, 0, 0, 0, Decimal("0.1"), 0) for n in names]
+    table = render(rows, "table", "model")
+    assert "\x1b" not in table and "\x07" not in table and "\\x1b[31mred" in table
+    assert "[bold]markup[/bold]" in table  # shown as written, not taken as markup
+    parsed = [r["model"] for r in csv.DictReader(io.StringIO(render(rows, "csv", "model")))]
+    assert parsed == [names[0], "'" + names[1], names[2], "'-1+2", "plain"]

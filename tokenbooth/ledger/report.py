@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from decimal import Decimal
@@ -119,6 +120,21 @@ def _total(rows: list[ReportRow]) -> ReportRow:
                                           "cost_usd", "unpriced")))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """A client-chosen name (a model, a tenant) safe for a terminal: control characters (escape
+    sequences among them) shown as ``\\xNN``, never sent to the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _csv_cell(text: str) -> str:
+    """A client-chosen name safe for a spreadsheet: one that starts like a formula (``=``, ``+``,
+    ``-``, ``@``, a tab or a carriage return) gets a leading ``'`` so it is read as text."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def render(rows: list[ReportRow], fmt: str, by: str) -> str:
     """Render rows as ``table`` (with a total), ``csv`` or ``json`` (exact decimal strings)."""
     if fmt == "json":
@@ -129,11 +145,12 @@ def render(rows: list[ReportRow], fmt: str, by: str) -> str:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow([by, *list(asdict(rows[0]))[1:]] if rows else [by])
         for r in rows:
-            writer.writerow([r.group, *(str(v) for v in list(asdict(r).values())[1:])])
+            writer.writerow([_csv_cell(r.group), *(str(v) for v in list(asdict(r).values())[1:])])
         return out.getvalue()
     if fmt != "table":
         raise UsageError(f"unknown format {fmt!r}; choose table, csv or json")
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"tokenbooth usage by {by}", show_footer=False)
@@ -141,7 +158,7 @@ def render(rows: list[ReportRow], fmt: str, by: str) -> str:
         table.add_column(name, justify="left" if name == by else "right")
     shown = [*rows, _total(rows)] if rows else []
     for r in shown:
-        table.add_row(r.group, f"{r.requests:,}", f"{r.errors:,}", f"{r.input_tokens:,}",
+        table.add_row(escape(_printable(r.group)), f"{r.requests:,}", f"{r.errors:,}", f"{r.input_tokens:,}",
                       f"{r.output_tokens:,}", f"{r.cached_input_tokens:,}", f"{r.reasoning_tokens:,}",
                       f"{r.cost_usd:,.6f}", f"{r.unpriced:,}", end_section=r is rows[-1])
     buf = io.StringIO()
