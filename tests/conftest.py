@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from tokenbooth.catalog import total
@@ -98,6 +99,20 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
+
+    def serve(self, app: web.Application) -> tuple[web.AppRunner, int]:
+        """Serve an aiohttp app on a free loopback port from this loop: its runner (``cleanup()``
+        stops it, run on this loop) and its port."""
+        runner = web.AppRunner(app, access_log=None)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+
+        async def start() -> None:
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+
+        self.run(start())
+        return runner, sock.getsockname()[1]
 
 
 class SimHandle:
@@ -193,8 +208,16 @@ class GatewayHandle:
     def sample_when(self, name: str, expected: float, timeout: float = 3, **labels: str) -> float:
         """The sample once it equals ``expected`` (to 1e-9), or its value after ``timeout`` seconds:
         for gauges the gateway updates at most once a second."""
+        return self._poll(name, labels, lambda v: abs(v - expected) <= 1e-9, timeout)
+
+    def sample_seen(self, name: str, timeout: float = 3, **labels: str) -> float:
+        """The sample once it is above 0 (a call recorded after its client hung up, say), or its
+        value after ``timeout`` seconds."""
+        return self._poll(name, labels, lambda v: v > 0, timeout)
+
+    def _poll(self, name: str, labels: dict[str, str], done: Callable[[float], bool], timeout: float) -> float:
         deadline = time.monotonic() + timeout
-        while abs((value := self.sample(name, **labels)) - expected) > 1e-9 and time.monotonic() < deadline:
+        while not done(value := self.sample(name, **labels)) and time.monotonic() < deadline:
             time.sleep(0.02)
         return value
 

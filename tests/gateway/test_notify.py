@@ -34,16 +34,8 @@ class Robots:
         app.router.add_post("/cgi-bin/webhook/send", self.wecom)
         app.router.add_post("/open-apis/bot/v2/hook/{token}", self.feishu)
         app.router.add_post("/services/{a}/{b}/{c}", self.slack)
-        self.runner = web.AppRunner(app, access_log=None)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-        async def start() -> None:
-            await self.runner.setup()
-            await web.SockSite(self.runner, sock).start()
-
-        loop.run(start())
+        self.runner, port = loop.serve(app)
+        self.base = f"http://127.0.0.1:{port}"
 
     def url(self, kind: str) -> str:
         return {"dingtalk": f"{self.base}/robot/send?access_token={TOKEN}",

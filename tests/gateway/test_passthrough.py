@@ -32,11 +32,8 @@ class Echo:
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/v1/download", self.send_download)
         app.router.add_route("*", "/v1/{tail:.*}", self.echo)
-        self.runner = web.AppRunner(app)
-        loop_thread.run(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        loop_thread.run(site.start())
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        self.runner, port = loop_thread.serve(app)
+        self.url = f"http://127.0.0.1:{port}/v1"
 
     async def echo(self, request: web.Request) -> web.Response:
         digest, size, chunks = hashlib.sha256(), 0, 0

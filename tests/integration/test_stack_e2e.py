@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,16 +41,8 @@ class DingTalkRobot:
         self.bad: list[str] = []
         app = web.Application()
         app.router.add_post("/robot/send", self.send)
-        self.runner = web.AppRunner(app, access_log=None)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/robot/send?access_token=e2e"
-
-        async def start() -> None:
-            await self.runner.setup()
-            await web.SockSite(self.runner, sock).start()
-
-        loop.run(start())
+        self.runner, port = loop.serve(app)
+        self.url = f"http://127.0.0.1:{port}/robot/send?access_token=e2e"
 
     def stop(self) -> None:
         self.loop.run(self.runner.cleanup())
