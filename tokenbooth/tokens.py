@@ -23,6 +23,12 @@ def _int(value: Any) -> int:
     return value if type(value) is int and value > 0 else 0
 
 
+def _detail(usage: dict[str, Any], part: str, name: str) -> int:
+    """``usage[part][name]`` as a count (0 when either is missing or not what it should be)."""
+    details = usage.get(part)
+    return _int(details.get(name)) if isinstance(details, dict) else 0
+
+
 def usage_from_openai(usage: Any) -> TokenUsage | None:
     """Read an OpenAI-style ``usage`` object (chat, completions, embeddings).
 
@@ -43,16 +49,8 @@ def usage_from_openai(usage: Any) -> TokenUsage | None:
         if not total:
             return None
         prompt = total
-    cached = 0
-    details = usage.get("prompt_tokens_details")
-    if isinstance(details, dict):
-        cached = _int(details.get("cached_tokens"))
-    if not cached:
-        cached = _int(usage.get("prompt_cache_hit_tokens"))
-    reasoning = 0
-    out_details = usage.get("completion_tokens_details")
-    if isinstance(out_details, dict):
-        reasoning = _int(out_details.get("reasoning_tokens"))
+    cached = _detail(usage, "prompt_tokens_details", "cached_tokens") or _int(usage.get("prompt_cache_hit_tokens"))
+    reasoning = _detail(usage, "completion_tokens_details", "reasoning_tokens")
     return TokenUsage(
         input=prompt,
         output=completion,
@@ -97,14 +95,10 @@ def usage_from_responses(usage: Any) -> TokenUsage | None:
     completion = _int(usage.get("output_tokens"))
     if not prompt and not completion:
         return None
-    details = usage.get("input_tokens_details")
-    cached = write = 0
-    if isinstance(details, dict):
-        cached = _int(details.get("cached_tokens"))
-        write = _int(details.get("cache_write_tokens") or details.get("cache_creation_tokens"))
-    out_details = usage.get("output_tokens_details")
-    reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
-    cached = min(cached, prompt)
+    cached = min(_detail(usage, "input_tokens_details", "cached_tokens"), prompt)
+    write = _detail(usage, "input_tokens_details", "cache_write_tokens") or \
+        _detail(usage, "input_tokens_details", "cache_creation_tokens")
+    reasoning = _detail(usage, "output_tokens_details", "reasoning_tokens")
     return TokenUsage(input=prompt, output=completion, cached_input=cached, cache_write=min(write, prompt - cached),
                       reasoning=min(reasoning, completion))
 

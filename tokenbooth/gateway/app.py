@@ -34,6 +34,7 @@ from tokenbooth.errors import (
     TokenboothError,
     UpstreamStatusError,
 )
+from tokenbooth.gateway.client import safe_target
 from tokenbooth.gateway.notify import PATH_PREFIX as WEBHOOK_PREFIX
 from tokenbooth.gateway.notify import Notifier
 from tokenbooth.gateway.passthrough import Passthrough
@@ -53,7 +54,6 @@ log = logging.getLogger("tokenbooth.gateway")
 REJECT_REASONS = ("auth", "budget", "rate_limit", "concurrency", "invalid_request", "not_found", "too_large")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 _JSON = (b"content-type", b"application/json")
-_SAFE_PATH = re.compile(rb"^/v1/[\x21-\x7e]*$")  # printable ASCII, no space: nothing that ends a request line
 _MODELS = re.compile(r"^/v1/models(/[^/]+)?$")  # the gateway's own answer: configured models first
 
 
@@ -152,7 +152,7 @@ class Gateway:
                 # forwarded as the client wrote it (still percent-encoded): a decoded %0D%0A would
                 # split the upstream request
                 raw = scope.get("raw_path") or path.encode()
-                if not _SAFE_PATH.match(raw):
+                if not (raw.startswith(b"/v1/") and safe_target(raw)):
                     raise InvalidRequest("The request path has characters a URL path may not hold.")
                 key = self.control.authenticate(headers) if self.control is not None else None
                 await self.passthrough.handle(method, raw.decode("ascii"), scope.get("query_string", b""), headers,

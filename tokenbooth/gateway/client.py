@@ -46,14 +46,20 @@ from tokenbooth.errors import (
     UpstreamReadTimeout,
 )
 
-__all__ = ["Pool", "UpstreamResponse"]
+__all__ = ["Pool", "UpstreamResponse", "safe_target"]
 
 _IDLE_SECONDS = 50.0  # drop idle connections before common servers' keep-alive timeouts (60 s and up)
 _HIGH_WATER = 256 * 1024  # unread body bytes at which reading from the upstream pauses
 _DECODERS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
 
 
-_SAFE_TARGET = re.compile(rb"^/[\x21-\x7e]*$")
+_SAFE_TARGET = re.compile(rb"^/[\x21-\x7e]*$")  # printable ASCII, no space: nothing that ends a request line
+
+
+def safe_target(target: bytes) -> bool:
+    """Whether a request target (path and query) can go in a request line as it is."""
+    return _SAFE_TARGET.match(target) is not None
+
 _BODILESS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
 
 
@@ -435,7 +441,7 @@ class Pool:
         chunks it yields, sent as they come (``length`` bytes in all, or chunked when it is None),
         so an upload is never held whole. Raises an :class:`UpstreamError`.
         """
-        if not _SAFE_TARGET.match(path):  # a second defence: no byte that ends or splits a request line
+        if not safe_target(path):  # a second defence: no byte that ends or splits a request line
             raise InvalidRequest("The request path or query has characters a URL may not hold.")
         if stream is None:
             framing = b"content-length: %d\r\n" % len(body) if body or method not in _BODILESS else b""

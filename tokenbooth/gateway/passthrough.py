@@ -18,6 +18,7 @@ replicas polling one response may each charge it once).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -62,6 +63,7 @@ _FAMILIES = {
 _FREE = frozenset({Operation.MODERATIONS})
 _COMPACT = "/v1/responses/compact"  # Codex's compaction: a generation of its own, priced by its usage
 _TERMINAL = ("completed", "incomplete", "failed", "cancelled")
+_RESPONSE = re.compile(r"^/v1/responses/[^/]+$")  # GET: one stored response, as a poll reads it
 _CHARGED_MAX = 100_000
 _USAGE_BYTES = 1 << 20  # a JSON answer up to this size is kept to read its usage
 # hop-by-hop headers, and what no longer holds once the gateway has decoded the body
@@ -83,7 +85,8 @@ def family(path: str) -> Operation:
     return _FAMILIES.get(path[4:].split("/", 1)[0], Operation.OTHER)
 
 
-async def _body_chunks(receive: Receive, limit: int | None = None) -> AsyncIterator[bytes]:
+async def _body_chunks(receive: Receive, limit: int, too_large: Exception) -> AsyncIterator[bytes]:
+    """The request body as it arrives; ``too_large`` is raised once it passes ``limit`` bytes."""
     size = 0
     while True:
         message = await receive()
@@ -91,23 +94,17 @@ async def _body_chunks(receive: Receive, limit: int | None = None) -> AsyncItera
             raise _ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
-        if limit is not None and size > limit:
-            raise RequestTooLarge(limit, "upload")
+        if size > limit:
+            raise too_large
         yield chunk
         if not message.get("more_body"):
             return
 
 
-async def _read_bounded(receive: Receive, limit: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in _body_chunks(receive):
-        size += len(chunk)
-        if size > limit:
-            raise InvalidRequest(f"The JSON body is larger than this gateway reads ({limit} bytes; "
-                                 "passthrough.max_json_body).")
-        parts.append(chunk)
-    return b"".join(parts)
+async def _read_json(receive: Receive, limit: int) -> bytes:
+    too_large = InvalidRequest(f"The JSON body is larger than this gateway reads ({limit} bytes; "
+                               "passthrough.max_json_body).")
+    return b"".join([chunk async for chunk in _body_chunks(receive, limit, too_large)])
 
 
 class Passthrough:
@@ -150,7 +147,7 @@ class Passthrough:
         if has_body and content_type.split(b";")[0].strip() == b"application/json" \
                 and (length or 0) <= self.config.max_json_body:
             try:
-                body = await _read_bounded(receive, self.config.max_json_body)
+                body = await _read_json(receive, self.config.max_json_body)
             except _ClientGone:
                 return  # gone before its call was made: nothing went upstream, nothing to record
             length = len(body)
@@ -160,7 +157,7 @@ class Passthrough:
             except (orjson.JSONDecodeError, AttributeError):
                 pass  # forwarded as it is: the upstream says what is wrong with it
         elif has_body:
-            stream = _body_chunks(receive, self.max_upload)
+            stream = _body_chunks(receive, self.max_upload, RequestTooLarge(self.max_upload, "upload"))
         up = self._upstream(model)
         proxy = self.proxy
         ticket: Ticket | None = None
@@ -210,7 +207,7 @@ class Passthrough:
     def _background_done(self, path: str, parsed: Any) -> bool:
         """Whether this read of a background response is the first to see it finished: the one
         that charges it (its create was recorded at no cost). Remembered per process."""
-        if not (isinstance(parsed, dict) and parsed.get("background") is True and path.count("/") == 3
+        if not (isinstance(parsed, dict) and parsed.get("background") is True and _RESPONSE.match(path)
                 and parsed.get("status") in _TERMINAL and isinstance(parsed.get("id"), str)):
             return False
         rid = parsed["id"]
