@@ -11,7 +11,10 @@ Needs wrk (Debian package ``wrk``) and redis-server (``redis-server``). The same
 - **keys**: ``auth.mode: keys``, every call carrying a ``tb-...`` key of tenant ``acme``, whose
   hard monthly budget and RPM and TPM limits are kept in process;
 - **keys+redis**: the same, with the budget and limits kept in a ``redis-server`` on loopback
-  that the script starts itself (one EVALSHA to admit a call, one to settle it).
+  that the script starts itself (one EVALSHA to admit a call, one to settle it). Far from its
+  limits, as here, a call is admitted without waiting for Redis's answer (``redis.fast_admission``);
+- **keys+redis wait**: the same with ``redis.fast_admission: false``: every admission waits for
+  Redis, as every call does near a limit.
 
 Budgets and limits are far beyond what a run can use, so nothing is refused: a non-2xx answer
 is an error. The gateways run on CPU 0; wrk, the simulated upstream and redis-server on CPU 1.
@@ -134,7 +137,7 @@ def create_key(db: Path) -> str:
     return lines[-1].strip()
 
 
-def keyed_config(path: Path, redis_port: int | None) -> Path:
+def keyed_config(path: Path, redis_port: int | None, fast: bool = True) -> Path:
     """Write the keys-mode config: one tenant, a hard monthly budget, RPM and TPM; Redis if a port is given."""
     budget = ", ".join(f"{k}: {v!r}" if isinstance(v, str) else f"{k}: {v}" for k, v in BUDGET.items())
     limits = ", ".join(f"{k}: {v}" for k, v in LIMITS.items())
@@ -144,16 +147,17 @@ def keyed_config(path: Path, redis_port: int | None) -> Path:
             f"    budgets: [{{{budget}}}]\n"
             f"    limits: {{{limits}}}\n")
     if redis_port is not None:
-        text += f"redis: {{url: 'redis://127.0.0.1:{redis_port}/0'}}\n"
+        text += f"redis: {{url: 'redis://127.0.0.1:{redis_port}/0', fast_admission: {str(fast).lower()}}}\n"
     path.write_text(text)
     return path
 
 
-def start_keyed(procs: Processes, name: str, sim_url: str, tmp: Path, redis_port: int | None) -> Target:
-    db = tmp / f"{name}.db"
+def start_keyed(procs: Processes, name: str, sim_url: str, tmp: Path, redis_port: int | None,
+                fast: bool = True) -> Target:
+    db = tmp / f"{name.replace(' ', '-')}.db"
     secret = create_key(db)  # before the gateway starts, so its first look at the keys finds it
-    config = keyed_config(tmp / f"{name}.yaml", redis_port)
-    log = tmp / f"{name}.log"
+    config = keyed_config(tmp / f"{name.replace(' ', '-')}.yaml", redis_port, fast)
+    log = tmp / f"{name.replace(' ', '-')}.log"
     gw, url = start_tokenbooth(procs, sim_url, db, log=log, config=config)
     return Target(name, url, {"Authorization": f"Bearer {secret}"}, gw, log, uses_redis=redis_port is not None)
 
@@ -206,6 +210,7 @@ def load(args: argparse.Namespace) -> None:
             Target("plain", plain_url, {}, plain, tmp / "plain.log"),
             start_keyed(procs, "keys", sim_url, tmp, None),
             start_keyed(procs, "keys+redis", sim_url, tmp, redis_port),
+            start_keyed(procs, "keys+redis wait", sim_url, tmp, redis_port, fast=False),
         ]
         for t in targets:
             checked_call(t)

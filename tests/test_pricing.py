@@ -135,3 +135,41 @@ def test_bad_price_files_say_what_is_wrong(tmp_path: Path, text: str, message: s
     with pytest.raises(ConfigError) as info:
         load_price_file(f)
     assert (message in info.value.message and "models[0]" in info.value.message) or "models' list" in message
+
+
+def test_prices_of_distinct_model_names_are_remembered_within_a_bound() -> None:
+    from tokenbooth.memo import MEMO_LIMIT
+
+    book = PriceBook()
+    for n in range(MEMO_LIMIT + 10):
+        assert book.lookup(f"client-model-{n}", provider="openai") is None
+    assert 0 < len(book._cache) <= MEMO_LIMIT
+    assert book.lookup("gpt-4o-mini", provider="openai") is not None
+
+
+def test_genai_prices_keeps_nothing_per_model_name_it_is_asked_about() -> None:
+    import tracemalloc
+
+    book = PriceBook()
+    book.warm()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for n in range(300):  # known and unknown names, with a known provider, an unknown one and none
+            for provider in ("openai", "a-relay", ""):
+                book.lookup(f"gpt-4o-mini-{n}", provider=provider)
+                book.lookup(f"client-model-{n}", provider=provider)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    in_genai = [tracemalloc.Filter(True, "*genai_prices*")]
+    grown = sum(s.size_diff for s in after.filter_traces(in_genai).compare_to(before.filter_traces(in_genai),
+                                                                              "filename"))
+    assert grown < 10_000, f"genai-prices grew {grown} bytes over 1,800 distinct names"
+
+
+def test_an_absurdly_long_served_model_is_priced_as_the_model_asked_for_and_not_cached() -> None:
+    book = PriceBook()
+    asked = book.lookup("gpt-4o-mini", provider="openai")
+    assert book.lookup("gpt-4o-mini", provider="openai", served_model="gpt-4o-" + "x" * 100_000) == asked
+    assert all(len(model) < 1000 for _, model in book._cache)

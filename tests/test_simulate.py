@@ -301,3 +301,34 @@ def test_a_timeout_fault_counts_a_client_that_hangs_up(sim: SimHandle) -> None:
     while sim.stats()["client_disconnects"] == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert sim.stats()["client_disconnects"] == 1
+
+
+def test_a_batch_completes_with_an_output_file_and_its_summed_usage(make_sim: Callable[..., SimHandle]) -> None:
+    sim = make_sim(batch_s=0.2)
+    client = _openai(sim)
+    lines = b"".join(orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                                   "body": {"model": "o4-mini", "max_tokens": 20,
+                                            "messages": [{"role": "user", "content": "hello " * (400 * i)}]}})
+                     + b"\n" for i in range(1, 6))
+    uploaded = client.files.create(file=("requests.jsonl", lines), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    time.sleep(0.25)
+    done = client.batches.retrieve(batch.id)
+    assert done.status == "completed" and done.model == "o4-mini" and done.output_file_id
+    assert done.request_counts is not None and done.request_counts.completed == 5
+    results = [orjson.loads(line) for line in client.files.content(done.output_file_id).read().splitlines()]
+    assert [r["custom_id"] for r in results] == ["r1", "r2", "r3", "r4", "r5"]
+    usages = [r["response"]["body"]["usage"] for r in results]
+    assert done.usage is not None
+    assert done.usage.input_tokens == sum(u["prompt_tokens"] for u in usages)
+    assert done.usage.output_tokens == sum(u["completion_tokens"] for u in usages)
+    assert done.usage.input_tokens_details.cached_tokens == sum(u["prompt_tokens_details"]["cached_tokens"]
+                                                                for u in usages) > 0
+    assert done.usage.output_tokens_details.reasoning_tokens > 0
+
+
+def test_an_absurd_fault_answers_normally_with_usage_no_call_can_have(make_sim: Callable[..., SimHandle]) -> None:
+    sim = make_sim(faults={"absurd": 1.0})
+    chat = _openai(sim).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert chat.choices[0].message.content and chat.usage is not None
+    assert chat.usage.prompt_tokens == 10**18

@@ -86,3 +86,12 @@ def test_a_message_nested_a_thousand_levels_deep_is_counted_not_a_recursion_erro
         content = [content, {"type": "text", "text": "word"}]
     payload = {"messages": [{"role": "user", "content": content}]}
     assert TokenEstimator().prompt("gpt-4o", payload) > 30  # the parts within reach are counted
+
+
+def test_the_tokenizer_chosen_per_model_name_is_remembered_within_a_bound() -> None:
+    from tokenbooth.memo import MEMO_LIMIT
+
+    estimator = TokenEstimator(use_bpe=False)
+    for n in range(2 * MEMO_LIMIT + 10):
+        assert estimator.count(f"client-model-{n}", "hello there") == heuristic_tokens("hello there")
+    assert 0 < len(estimator._by_model) <= MEMO_LIMIT

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import regex
 
+from tokenbooth.memo import remember
+
 _SUFFIX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
 
 
@@ -148,8 +150,8 @@ _CACHED_PIECE = 64  # longer pieces (long words, runs of CJK) are counted, not k
 
 
 class _PieceCounts(dict[str, int]):
-    """Token counts by piece; a missing piece is counted and remembered. When full, the cache
-    starts over: cheaper than LRU bookkeeping, and the pieces that matter come straight back."""
+    """Token counts by piece; a missing piece is counted and remembered, up to ``limit`` pieces
+    (:func:`~tokenbooth.memo.remember`)."""
 
     def __init__(self, count: Callable[[bytes], int], limit: int) -> None:
         super().__init__()
@@ -163,9 +165,7 @@ class _PieceCounts(dict[str, int]):
             data = piece.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
         n = self._count(data)
         if len(piece) <= _CACHED_PIECE:
-            if len(self) >= self._limit:
-                self.clear()
-            self[piece] = n
+            remember(self, piece, n, self._limit)
         return n
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Literal
 
 from tokenbooth.config import TokensConfig
 from tokenbooth.errors import ErrorType
 from tokenbooth.meter import Meter
-from tokenbooth.pricing import PriceBook
+from tokenbooth.pricing import PriceBook, batch_cost
 from tokenbooth.record import NO_USAGE, CallRecord, Operation, Outcome, TokenUsage
 from tokenbooth.streams import AnthropicStream, OpenAIStream, ResponsesStream, StreamFollower
 from tokenbooth.tokens import TokenEstimator, differs, usage_from_anthropic, usage_from_openai, usage_from_responses
@@ -82,14 +83,17 @@ def response_text(parsed: dict[str, Any], fmt: Format, responses: bool = False) 
 class CallState:
     """What is known about one call so far; becomes a CallRecord at the end."""
 
-    __slots__ = ("attempts", "error_type", "last_token", "outcome", "output_text", "path", "provider", "reported",
-                 "response_headers", "served_model", "status", "target_model", "ttft", "unpriced", "upstream")
+    __slots__ = ("attempts", "error_type", "last_token", "outcome", "output_text", "path", "provider", "rate",
+                 "reported", "response_headers", "response_id", "served_model", "status", "target_model", "ttft",
+                 "unpriced", "upstream")
 
     def __init__(self, provider: str = "", upstream: str = "", target_model: str = "") -> None:
-        self.attempts = 0
+        self.attempts = 0  # requests sent upstream: none when every circuit was open
         self.response_headers: list[tuple[bytes, bytes]] = []  # the gateway's own, e.g. x-ratelimit-*
         self.path: list[str] = []  # targets left behind, "upstream:model!reason"
         self.unpriced = False  # a call no price applies to (a file upload): its cost is unknown, never $0
+        self.rate: Decimal | None = None  # a batch's: the share of the list price it is billed at (0.5)
+        self.response_id: str | None = None  # the stored response or batch it created or read
         self.serve(provider, upstream, target_model)
 
     def serve(self, provider: str, upstream: str, target_model: str) -> None:
@@ -113,6 +117,7 @@ class CallState:
             # sees it so), not when it is queued: nothing to bill or estimate now
             self.reported, self.output_text, self.served_model = NO_USAGE, None, None
             self.outcome = Outcome.SUCCESS
+            self._take_id(parsed, ep)
             return
         if ep.fmt == "anthropic":
             self.reported = usage_from_anthropic(parsed.get("usage"))
@@ -125,9 +130,17 @@ class CallState:
         served = parsed.get("model")
         self.served_model = served if isinstance(served, str) else None
         self.outcome = Outcome.SUCCESS
+        self._take_id(parsed, ep)
+
+    def _take_id(self, parsed: dict[str, Any], ep: Endpoint) -> None:
+        rid = parsed.get("id")
+        if ep.responses and isinstance(rid, str):
+            self.response_id = rid
 
     def take_stream(self, follower: StreamFollower) -> None:
         """Take what a followed stream showed, however it ended."""
+        if isinstance(follower, ResponsesStream) and follower.response_id is not None:
+            self.response_id = follower.response_id
         self.reported = follower.usage
         self.served_model = follower.served_model
         # an upstream error event with nothing generated bills nothing; anything else may have
@@ -201,6 +214,8 @@ class Recorder:
         cost = None if call.unpriced else self.prices.cost(target, usage, provider=call.provider,
                                                            upstream=call.upstream, served_model=call.served_model,
                                                            at=started_at)
+        if cost is not None and call.rate is not None:
+            cost = batch_cost(cost, call.rate)
         tpot = None
         if call.ttft is not None and call.last_token is not None and usage.output > 1:
             tpot = (call.last_token - call.ttft) / (usage.output - 1)
@@ -222,11 +237,12 @@ class Recorder:
             ttft_s=call.ttft,
             tpot_s=tpot,
             tokens_mismatch=mismatch,
-            attempts=max(call.attempts, 1),
+            attempts=call.attempts,
             fallback_path=">".join([*call.path, f"{call.upstream}:{target}"]) if call.path else None,
             session_id=session_id,
             tenant=tenant,
             key_id=key_id,
+            response_id=call.response_id,
         )
         self.meter.record(record)
         return record

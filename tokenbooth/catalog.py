@@ -95,7 +95,7 @@ CATALOG: tuple[MetricSpec, ...] = (
           "Pushes to the Pushgateway that failed (logged, retried with backoff, never raised)."),
     _spec("tokenbooth_rejected_requests_total", "counter",
           "Calls the gateway refused itself, never sent upstream: auth, budget, rate_limit, concurrency, "
-          "invalid_request, not_found.", "reason"),
+          "invalid_request, not_found, too_large, headers_too_large, timeout, connection_limit.", "reason"),
     _spec("tokenbooth_budget_used_ratio", "gauge",
           "Share of a tenant's budget spent in its current window (1 = all of it).", "tenant window",
           multiprocess_mode="livemax"),
@@ -111,6 +111,9 @@ CATALOG: tuple[MetricSpec, ...] = (
           "operation"),
     _spec("tokenbooth_redis_duration_seconds", "histogram", "Time of Redis commands (admit, settle, seed), "
           "round trip included.", "operation", REDIS_BUCKETS),
+    _spec("tokenbooth_admission_overshoot_total", "counter",
+          "Calls admitted without waiting for Redis (redis.fast_admission) that Redis then found past a "
+          "limit: other replicas had used the room this one saw. Each is at most one call past the limit."),
 )
 
 # Metrics that gain a `tenant` label with metrics.tenant_labels: true.
@@ -174,6 +177,7 @@ class Metrics:
         self.redis_up: Gauge = made["redis_up"]  # type: ignore[assignment]
         self.redis_errors: Counter = made["redis_errors"]  # type: ignore[assignment]
         self.redis_duration: Histogram = made["redis_duration_seconds"]  # type: ignore[assignment]
+        self.fast_overshoot: Counter = made["admission_overshoot"]  # type: ignore[assignment]
         self.calls_recorded = 0  # how many calls the meters have recorded here (for push batching)
 
 
@@ -225,7 +229,10 @@ def render_markdown() -> str:
         "  audio, images, files, batches, fine_tuning, vector_stores, assistants, other.",
         "- `model`: \"\" on a passed-through call whose request names no model (a file upload, a GET).",
         "- `reason` (rejected requests): auth, budget, rate_limit, concurrency, invalid_request, not_found,",
-        "  too_large (a body past `limits.max_request_bytes` or `limits.max_upload_bytes`).",
+        "  too_large (a body past `limits.max_request_bytes` or `limits.max_upload_bytes`), headers_too_large",
+        "  (431: a head past `limits.max_header_bytes` or `limits.max_headers`), timeout (408: a head not whole",
+        "  within `limits.header_timeout`, a body silent for `limits.body_timeout`), connection_limit (past",
+        "  `limits.max_connections`: a connection closed as it was accepted, or a 503 on one kept for the probes).",
         "- `window` (budgets): day, month, total.",
         "- `tenant`: on budgets, the tenants configured with budgets. With `metrics.tenant_labels: true`,",
         "  requests, tokens and cost carry it too: the first `metrics.max_tenants` tenants seen keep their",

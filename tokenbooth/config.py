@@ -43,6 +43,9 @@ class TimeoutConfig(_Model):
     connect: float = Field(10.0, gt=0)
     read: float = Field(300.0, gt=0)  # the longest silence between bytes
     total: float = Field(600.0, gt=0)
+    # how long an idle connection is kept for reuse: under common servers' own keep-alive
+    # timeouts (60 s and up), so the gateway closes it first
+    keepalive: float = Field(50.0, gt=0)
 
 
 class RetryConfig(_Model):
@@ -353,6 +356,10 @@ class RedisConfig(_Model):
     # on its own (and never more than remained at its last view of Redis).
     outage_credit: float = Field(0.01, ge=0, le=1)
     retry_interval: float = Field(1.0, gt=0)  # seconds between reconnection attempts during an outage
+    # Far from every limit (this replica's view of Redis, at most 1 s old, leaves room for 1,000 such
+    # calls and 10 % of the limit), a call is admitted without waiting for Redis's answer; Redis
+    # still reserves it at once. Near a limit, and for concurrency caps, every admission waits.
+    fast_admission: bool = True
 
     @field_validator("url")
     @classmethod
@@ -447,11 +454,23 @@ class StackConfig(_Model):
 
 
 class RequestLimitsConfig(_Model):
-    """What one client request may be: bodies past these are refused before they fill memory."""
+    """What one client request and connection may be: bodies and heads past these are refused before they
+    fill memory, slow clients are cut off, and connections are capped before file descriptors run out."""
 
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # a JSON call's body (and a webhook's): 413 past it
     max_upload_bytes: int = Field(1024 * 1024 * 1024, ge=1024)  # a passed-through body, which streams: 413 past it
     max_model_length: int = Field(256, ge=8, le=4096)  # characters of a model name: 400 past it
+    # a request line and headers: 431 past either, while the head still arrives where that can be told
+    max_header_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_headers: int = Field(100, ge=8, le=10_000)
+    # seconds for a request's head to arrive, from its connection's opening (or its first byte on a kept-alive
+    # connection), and the longest silence within its body: 408 and the connection closed past them
+    header_timeout: float = Field(15.0, gt=0, le=3600)
+    body_timeout: float = Field(30.0, gt=0, le=3600)
+    keep_alive_timeout: int = Field(30, ge=1, le=3600)  # seconds an idle kept-alive connection stays open
+    # open connections per process; past it only /healthz, /readyz and /metrics are served (on a few more).
+    # None: half the process's file descriptors (RLIMIT_NOFILE) less 64, at most 10,000
+    max_connections: int | None = Field(None, ge=1)
 
 
 class PassthroughConfig(_Model):
@@ -462,6 +481,8 @@ class PassthroughConfig(_Model):
     # that serves any model ("*"), else the first upstream
     upstream: str | None = None
     max_json_body: int = Field(8 * 1024 * 1024, ge=1024)  # bytes of a JSON body read whole to find its model
+    # share of the list price a batch is billed at, applied to the usage a finished batch reports
+    batch_discount: Decimal = Field(Decimal("0.5"), ge=0, le=1)
 
 
 class Settings(_Model):

@@ -10,13 +10,17 @@ code for the CLI, and an ``error_type`` for metrics and the ledger.
     ├── LedgerError                 the ledger database refused a command's work; exit code 1
     ├── RequestError                a client sent something we cannot serve
     │   ├── InvalidRequest          400  invalid JSON, missing or mistyped fields
+    │   ├── RequestTooLarge         413  a body past limits.max_request_bytes
+    │   ├── HeadersTooLarge         431  a head past limits.max_header_bytes or limits.max_headers
+    │   ├── RequestTimeout          408  a head or a body that did not arrive in time
     │   ├── NotFound                404  unknown route
     │   ├── MethodNotAllowed        405
     │   └── ModelNotFound           404  no upstream serves the model
     ├── Refusal                     the gateway refused the call on purpose (control/)
     │   ├── AuthError               401  no key, or an unknown, revoked or expired one
     │   ├── RateLimited             429  an RPM, TPM or concurrency limit (with Retry-After)
-    │   └── BudgetExceeded          429  a hard budget (insufficient_quota; not to be retried)
+    │   ├── BudgetExceeded          429  a hard budget (insufficient_quota; not to be retried)
+    │   └── TooManyConnections      503  the process holds limits.max_connections connections
     └── UpstreamError               the upstream failed the call
         ├── UpstreamConnectError    502  connection refused, reset, DNS  (connection)
         ├── UpstreamConnectTimeout  504  no connection in time           (timeout_connect)
@@ -41,6 +45,7 @@ __all__ = [
     "CircuitOpen",
     "ConfigError",
     "ErrorType",
+    "HeadersTooLarge",
     "InvalidRequest",
     "LedgerError",
     "MethodNotAllowed",
@@ -49,7 +54,10 @@ __all__ = [
     "RateLimited",
     "Refusal",
     "RequestError",
+    "RequestTimeout",
+    "RequestTooLarge",
     "TokenboothError",
+    "TooManyConnections",
     "UpstreamConnectError",
     "UpstreamConnectTimeout",
     "UpstreamError",
@@ -183,6 +191,24 @@ class RequestTooLarge(RequestError):
                          "limits.max_request_bytes).")
 
 
+class HeadersTooLarge(RequestError):
+    """A request line and headers past ``limits.max_header_bytes``, or more headers than ``limits.max_headers``;
+    refused by the connection layer (``gateway/connections.py``) before the head is whole where it can be."""
+
+    status_code = 431
+    code = "request_header_fields_too_large"
+    reject_reason = "headers_too_large"
+
+
+class RequestTimeout(RequestError):
+    """A request whose head did not arrive within ``limits.header_timeout``, or whose body fell silent for
+    ``limits.body_timeout``; the connection is closed after the answer."""
+
+    status_code = 408
+    code = "request_timeout"
+    reject_reason = "timeout"
+
+
 class NotFound(RequestError):
     """No such route."""
 
@@ -260,6 +286,20 @@ class BudgetExceeded(Refusal):
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"x-should-retry", b"false")]
+
+
+class TooManyConnections(Refusal):
+    """A connection taken past ``limits.max_connections``, from the reserve kept for the health and metrics
+    probes, asked for something else. Worth retrying after a moment."""
+
+    status_code = 503
+    openai_type = "server_error"
+    anthropic_type = "overloaded_error"
+    code = "too_many_connections"
+    reject_reason = "connection_limit"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", b"1")]
 
 
 class UpstreamError(TokenboothError):

@@ -80,15 +80,14 @@ class Meter:
         self.models = models
         self.sink = sink
         self.tenants = tenants or TenantLabels()
-        self._children: dict[tuple[str, ...], Any] = {}
+        self._children: dict[tuple[str, ...], Any] = {}  # by label values, folded: as bounded as the labels
 
     def in_flight(self, provider: str, model: str) -> Any:
         """The in-flight gauge child for a call; ``inc()`` when it starts, ``dec()`` when it ends."""
-        key = ("in_flight", provider, model)
+        key = ("in_flight", provider, self.models(model))  # folded first: the client names the model
         child = self._children.get(key)
         if child is None:
-            child = self.metrics.in_flight.labels(provider, self.models(model))
-            self._children[key] = child
+            child = self._children[key] = self.metrics.in_flight.labels(*key[1:])
         return child
 
     def _mismatch(self, provider: str, model: str) -> Any:

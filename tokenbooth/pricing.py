@@ -26,9 +26,10 @@ from typing import Any
 import yaml
 
 from tokenbooth.errors import ConfigError
+from tokenbooth.memo import remember
 from tokenbooth.record import Cost, TokenUsage
 
-__all__ = ["Price", "PriceBook", "cost_of", "load_price_file"]
+__all__ = ["Price", "PriceBook", "batch_cost", "cost_of", "load_price_file"]
 
 MILLION = Decimal(1_000_000)
 ZERO = Decimal(0)
@@ -89,6 +90,15 @@ def cost_of(price: Price, usage: TokenUsage) -> Decimal:
         + usage.reasoning * price.reasoning
     )
     return total / MILLION + price.per_request
+
+
+def batch_cost(cost: Cost, rate: Decimal) -> Cost:
+    """``cost`` as the Batch API bills it: at ``rate`` of the list price (0.5), its source marked so.
+
+    >>> batch_cost(Cost(Decimal("0.004"), "USD", Decimal("0.004"), "genai-prices"), Decimal("0.5"))
+    Cost(amount=Decimal('0.0020'), currency='USD', usd=Decimal('0.0020'), source='genai-prices+batch')
+    """
+    return Cost(cost.amount * rate, cost.currency, cost.usd * rate, f"{cost.source}+batch")
 
 
 def _genai_usage(usage: TokenUsage) -> Any:
@@ -227,13 +237,17 @@ def load_price_file(path: str | Path, currencies: Iterable[str] = ("USD", "CNY")
 
 
 _CACHE_TTL = 3600.0  # genai-prices rates can change on a date; re-resolve hourly
+# The longest served model name priced (what the ledger keeps): an upstream's answer may name
+# anything, and the names looked up are cached.
+_SERVED_NAME_MAX = 256
 
 
 class PriceBook:
     """Resolves the price for a call and computes its :class:`Cost`.
 
     Thread-safe; resolution is cached per (provider, model), so pricing a call is a dict
-    lookup and a few ``Decimal`` multiplications.
+    lookup and a few ``Decimal`` multiplications. The cache is bounded (:func:`~tokenbooth.memo.remember`):
+    the model is the client's to name, and the served model the upstream's.
     """
 
     def __init__(self, local: Iterable[Price] = (), fx: Mapping[str, Decimal] | None = None,
@@ -260,7 +274,8 @@ class PriceBook:
     def lookup(self, model: str, *, provider: str = "", upstream: str = "",
                served_model: str | None = None, at: float | None = None) -> Price | None:
         """The price that applies, or None when no source knows the model."""
-        names = [served_model, model] if served_model and served_model != model else [model]
+        served = served_model if served_model and len(served_model) <= _SERVED_NAME_MAX else None
+        names = [served, model] if served and served != model else [model]
         for name in names:
             found = self._from_file(name, provider, upstream, at)
             if found is not None:
@@ -311,23 +326,38 @@ class PriceBook:
             return hit[1]
         price = self._resolve_genai(provider, model)
         with self._lock:
-            self._cache[key] = (now + _CACHE_TTL, price)
+            remember(self._cache, key, (now + _CACHE_TTL, price))
         return price
 
     @staticmethod
     def _resolve_genai(provider: str, model: str) -> Price | None:
-        from genai_prices import data_snapshot
-
-        snapshot = data_snapshot.get_snapshot()
-        provider_id = _GENAI_PROVIDER_IDS.get(provider, provider) or None
-        try:
-            found_provider, info = snapshot.find_provider_model(model, None, provider_id, None)
-        except LookupError:
-            if provider_id is None:
-                return None
-            try:  # a provider genai-prices does not know (a relay): match by model alone
-                found_provider, info = snapshot.find_provider_model(model, None, None, None)
-            except LookupError:
-                return None
+        found = _genai_model(_GENAI_PROVIDER_IDS.get(provider, provider) or None, model)
+        if found is None:
+            return None
+        found_provider, info = found
         model_price = info.get_prices(dt.datetime.now(dt.UTC))
         return _linear_from_genai(model_price, info.id, found_provider.id)
+
+
+def _genai_model(provider_id: str | None, model: str) -> tuple[Any, Any] | None:
+    """genai-prices' provider and model info for a model name, as ``find_provider_model`` finds them,
+    or None. Walked here because ``DataSnapshot.find_provider_model`` remembers every name it is asked
+    about, without a bound, in the process-wide snapshot; :class:`PriceBook`'s own cache is bounded."""
+    from genai_prices import data_snapshot
+
+    providers = data_snapshot.get_snapshot().providers
+    ref = model.lower()
+    if provider_id is not None:
+        in_provider = ref
+        if provider_id.lower() == "litellm" and "/" in ref:  # LiteLLM's "provider/model"
+            prefix, rest = ref.split("/", 1)
+            if data_snapshot.find_provider_by_id(providers, prefix) is not None:
+                provider_id, in_provider = prefix, rest
+        found = data_snapshot.find_provider_by_id(providers, provider_id)
+        info = found.find_model(in_provider, all_providers=providers) if found is not None else None
+        if info is not None:
+            return found, info
+    # no provider, or one genai-prices does not know (a relay) or that lacks the model: by model alone
+    found = next((p for p in providers if p.model_match is not None and p.model_match.is_match(ref)), None)
+    info = found.find_model(ref, all_providers=providers) if found is not None else None
+    return (found, info) if info is not None else None

@@ -104,11 +104,14 @@ class CallRecord:
     ttft_s: float | None = None
     tpot_s: float | None = None  # time per output token, first to last content chunk (streams)
     tokens_mismatch: bool = False  # a local estimate disagreed with the reported usage
-    attempts: int = 1
+    attempts: int = 1  # requests sent upstream (0: every circuit was open, nothing was sent)
     fallback_path: str | None = None
     session_id: str | None = None
     tenant: str | None = None
     key_id: str | None = None
+    # the upstream's id of the stored response or batch the call created or read (resp_..., batch_...):
+    # a background response's create, its polls and resumed streams share it
+    response_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

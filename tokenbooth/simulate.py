@@ -16,6 +16,9 @@ after the rest): ``GET /v1/responses/{id}`` (``?stream=true&starting_after=N`` r
 ``DELETE`` it, ``POST .../cancel``, ``GET .../input_items``; ``POST /v1/responses/input_tokens`` and
 ``/v1/responses/compact`` answer too. So do ``/v1/moderations``, ``/v1/files`` (multipart upload,
 list, retrieve, delete, ``/content``), ``/v1/batches`` and ``/v1/audio/speech`` (streamed bytes).
+A batch is ``validating`` for ``batch_s`` seconds, then ``completed``: every request line of its
+input file answered in an output file, and the batch object carries their summed ``usage`` and
+its ``model``, as OpenAI's do.
 
 Faults and scripted actions apply to every call that creates or computes something; reads of what
 is kept (retrieve, list, content, delete, cancel) always answer. Every size a request controls is
@@ -25,7 +28,8 @@ cannot make the simulator allocate without limit; out-of-range values get OpenAI
 Fault kinds: an HTTP status (``"429"``, ``"500"``, ``"503"``, ...), ``"timeout"`` (answer
 only after ``timeout_s``, counting a client that hangs up meanwhile), ``"reset"`` (drop the
 connection), ``"malformed"`` (a 200 with a truncated JSON body), ``"break"`` (a stream whose
-connection drops half way), ``"truncate"`` (a stream that ends cleanly half way, with no final event).
+connection drops half way), ``"truncate"`` (a stream that ends cleanly half way, with no final event),
+``"absurd"`` (a normal answer whose usage reports ``ABSURD_TOKENS`` prompt tokens).
 ``POST /_sim/faults`` with ``{"faults": "500=1"}`` changes the fault rates while running.
 ``GET /_sim/stats`` counts the calls received, by path (``"GET /v1/files/{file_id}"`` for other
 methods than POST); ``POST /_sim/reset`` clears counts and script.
@@ -58,7 +62,8 @@ _WORDS = (
     "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "tokens", "flow", "through",
     "the", "gateway", "and", "every", "call", "is", "metered", "priced", "and", "written", "to", "the", "ledger",
 )
-_FAULT_KINDS = {"timeout", "reset", "malformed", "break", "truncate"}
+_FAULT_KINDS = {"timeout", "reset", "malformed", "break", "truncate", "absurd"}
+ABSURD_TOKENS = 10**18  # the prompt tokens an "absurd" answer reports
 
 MAX_OUTPUT_WORDS = 4096  # whatever max_tokens or a scripted usage asks for
 MAX_DIMENSIONS = 4096
@@ -121,6 +126,7 @@ class SimConfig:
     retry_after: float = 1.0  # Retry-After seconds sent with simulated 429s
     timeout_s: float = 30.0  # how long a "timeout" fault keeps the client waiting
     max_upload_bytes: int = 64 * 2**20  # a larger POST /v1/files gets a 413
+    batch_s: float = 1.0  # how long a batch takes
     seed: int | None = None
 
 
@@ -218,6 +224,13 @@ class _StoredResponse:
             self.task.cancel()
         self.status = status
         self.done.set()
+
+
+@dataclass
+class _Batch:
+    body: dict[str, Any]  # the batch object
+    done_at: float  # monotonic time it completes
+    content: bytes  # its input file's kept part
 
 
 @dataclass
@@ -416,7 +429,7 @@ class Simulator:
         fixed = action.get("usage")
         if isinstance(fixed, dict):
             return fixed
-        prompt = self.estimator.prompt(model, payload)
+        prompt = self.estimator.prompt(model, payload) if action.get("fault") != "absurd" else ABSURD_TOKENS
         visible = self.estimator.count(model, text)
         cached = (prompt // 2) // 128 * 128 if prompt >= 1024 else 0
         if api == "anthropic":
@@ -898,12 +911,59 @@ class Simulator:
                  "expires_at": created + 86_400, "finalizing_at": None, "completed_at": None, "failed_at": None,
                  "expired_at": None, "cancelling_at": None, "cancelled_at": None,
                  "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata}
-        self.batches.put(batch_id, batch, len(orjson.dumps(batch)))
+        self.batches.put(batch_id, _Batch(batch, time.monotonic() + self.config.batch_s, upload.content),
+                         len(orjson.dumps(batch)) + len(upload.content))
         return _json(batch)
 
     async def retrieve_batch(self, request: web.Request) -> web.Response:
         self._record(request)
-        return _json(self.batches.get(request.match_info["batch_id"], "batch"))
+        batch: _Batch = self.batches.get(request.match_info["batch_id"], "batch")
+        if batch.body["status"] == "validating" and time.monotonic() >= batch.done_at:
+            self._complete(batch)
+        return _json(batch.body)
+
+    def _complete(self, batch: _Batch) -> None:
+        """Answer every request line of a batch's input file: an output file, and the summed usage."""
+        body, now = batch.body, int(time.time())
+        lines, model = [], None
+        total = {"input_tokens": 0, "cached": 0, "output_tokens": 0, "reasoning": 0}
+        for raw in batch.content.splitlines()[:MAX_INPUTS]:
+            try:
+                line = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            request = line.get("body") if isinstance(line, dict) else None
+            if not isinstance(request, dict):
+                continue
+            line_model = str(request.get("model", ""))[:256]
+            model = model or line_model
+            words = [] if body["endpoint"] == "/v1/embeddings" else self._words(request, {})
+            usage = self._usage(request, {}, line_model, "".join(words), "openai")
+            total["input_tokens"] += usage["prompt_tokens"]
+            total["cached"] += usage["prompt_tokens_details"]["cached_tokens"]
+            total["output_tokens"] += usage["completion_tokens"]
+            total["reasoning"] += usage["completion_tokens_details"]["reasoning_tokens"]
+            answer = {"id": self._id("chat"), "object": "chat.completion", "created": now, "model": line_model,
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words)},
+                                   "finish_reason": "stop"}], "usage": usage}
+            lines.append(orjson.dumps({"id": f"batch_req_{self.rng.getrandbits(96):024x}",
+                                       "custom_id": line.get("custom_id"), "error": None,
+                                       "response": {"status_code": 200, "request_id": self._id("chat"),
+                                                    "body": answer}}))
+        output = b"\n".join(lines) + b"\n" if lines else b""
+        file_id = f"file-{self.rng.getrandbits(96):024x}"
+        meta = {"id": file_id, "object": "file", "bytes": len(output), "created_at": now,
+                "filename": f"{body['id']}_output.jsonl", "purpose": "batch_output", "status": "processed",
+                "status_details": None, "expires_at": None}
+        self.files.put(file_id, _Upload(meta, output[:KEPT_FILE_BYTES]), min(len(output), KEPT_FILE_BYTES) + 512)
+        body.update(status="completed", output_file_id=file_id, in_progress_at=now, finalizing_at=now,
+                    completed_at=now, model=model,
+                    request_counts={"total": len(lines), "completed": len(lines), "failed": 0},
+                    usage={"input_tokens": total["input_tokens"],
+                           "input_tokens_details": {"cached_tokens": total["cached"]},
+                           "output_tokens": total["output_tokens"],
+                           "output_tokens_details": {"reasoning_tokens": total["reasoning"]},
+                           "total_tokens": total["input_tokens"] + total["output_tokens"]})
 
     async def speech(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/audio/speech``: silent audio (MP3 frames, whatever the format) of a length that grows

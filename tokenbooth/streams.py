@@ -198,7 +198,12 @@ class ResponsesStream(StreamFollower):
     ``response.failed``), inside its ``response``; a stream that ends without one is cut short.
     """
 
-    __slots__ = ()
+    __slots__ = ("background", "response_id")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.response_id: str | None = None
+        self.background = False  # the response runs in background mode: charged once, when it is done
 
     def _data(self, payload: bytes) -> dict[str, Any] | None:
         event = self._json(payload)
@@ -215,6 +220,9 @@ class ResponsesStream(StreamFollower):
             if isinstance(response, dict):
                 if isinstance(response.get("model"), str):
                     self.served_model = response["model"]
+                if isinstance(response.get("id"), str):
+                    self.response_id = response["id"]
+                self.background = response.get("background") is True
                 if kind != "response.created":
                     self.usage = usage_from_responses(response.get("usage"))
                     self.finished = True

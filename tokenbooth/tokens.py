@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tokenbooth import bpe
+from tokenbooth.memo import remember
 from tokenbooth.record import TokenUsage
 
 __all__ = ["TokenEstimator", "differs", "usage_from_anthropic", "usage_from_openai", "usage_from_responses"]
@@ -157,7 +158,7 @@ class TokenEstimator:
 
     def __init__(self, use_bpe: bool = True) -> None:
         self.use_bpe = use_bpe
-        self._by_model: dict[str, Callable[[str], int]] = {}
+        self._by_model: dict[str, Callable[[str], int]] = {}  # by the model the client named: bounded (remember)
 
     def warm(self) -> None:
         """Load both vocabularies now (~0.3 s, ~7 MB together) rather than stall the event
@@ -186,9 +187,7 @@ class TokenEstimator:
             def fn(text: str) -> int:
                 return exact(text) if text else 0
 
-        if len(self._by_model) < 4096:
-            self._by_model[model] = fn
-        return fn
+        return remember(self._by_model, model, fn)
 
     def count(self, model: str, text: str) -> int:
         return self.counter(model)(text)

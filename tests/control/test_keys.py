@@ -91,4 +91,23 @@ def test_an_old_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     assert "ix_tokenbooth_calls_key_time" in {i["name"] for i in inspector.get_indexes("tokenbooth_calls")}
     with upgraded.connect() as conn:
         version = conn.execute(sa.text("SELECT value FROM tokenbooth_meta WHERE key = 'schema_version'")).scalar()
-    assert version == str(SCHEMA_VERSION) == "2"
+    assert version == str(SCHEMA_VERSION) == "3"
+
+
+def test_a_ledger_of_schema_2_gains_the_response_id_column_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    engine = connect(f"sqlite:///{path}")
+    with engine.begin() as conn:  # back to schema 2: calls without response_id, one row in it
+        conn.execute(sa.text("ALTER TABLE tokenbooth_calls DROP COLUMN response_id"))
+        conn.execute(sa.text("UPDATE tokenbooth_meta SET value = '2' WHERE key = 'schema_version'"))
+        conn.execute(sa.text("INSERT INTO tokenbooth_calls (request_id, started_at, provider, upstream, model, "
+                             "operation, streamed, outcome, error_type, input_tokens, output_tokens, "
+                             "cached_input_tokens, cache_write_tokens, reasoning_tokens, tokens_estimated, "
+                             "tokens_mismatch, duration_s, attempts) VALUES ('old', '2026-11-30 10:00:00.000000', "
+                             "'openai', 'openai', 'gpt-4o', 'chat', 0, 'success', '', 5, 7, 0, 0, 0, 0, 0, 0.5, 1)"))
+    engine.dispose()
+    upgraded = connect(f"sqlite:///{path}")
+    with upgraded.connect() as conn:
+        row = conn.execute(sa.text("SELECT request_id, output_tokens, response_id FROM tokenbooth_calls")).one()
+        version = conn.execute(sa.text("SELECT value FROM tokenbooth_meta WHERE key = 'schema_version'")).scalar()
+    assert tuple(row) == ("old", 7, None) and version == "3"

@@ -518,3 +518,33 @@ def test_the_environment_names_the_proxy_unless_no_proxy_or_loopback(monkeypatch
     monkeypatch.setenv("HTTPS_PROXY", "http://u:s3/cret@p:1080")
     with pytest.raises(ConfigError, match=r"environment's proxy 'http://u:\*\*\*@p:1080' is not usable"):
         UpstreamConfig(name="g", base_url="https://api.example/v1").proxy_url()
+
+
+def test_connections_idle_for_the_keepalive_are_closed_and_the_one_in_use_is_kept() -> None:
+    open_now = 0  # connections the server holds open
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now
+        open_now += 1
+        try:
+            while True:
+                await _read_request(reader)
+                await asyncio.sleep(0.05)  # a burst of calls needs a connection each
+                writer.write(_ok(b"{}"))
+        finally:
+            open_now -= 1
+
+    async def scenario(pool: Pool, seen: list[bytes]) -> None:
+        async def call() -> None:
+            resp = await pool.request(b"/x", b"", [])
+            await resp.read()
+            resp.release()
+
+        await asyncio.gather(*(call() for _ in range(20)))
+        assert (len(pool.idle), open_now) == (20, 20)
+        for _ in range(8):  # then one call at a time for over a second: one connection does
+            await call()
+            await asyncio.sleep(0.1)
+        assert (len(pool.idle), open_now) == (1, 1)
+
+    _run(handler, scenario, TimeoutConfig(keepalive=0.3))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -131,3 +134,31 @@ def test_an_encoded_line_break_in_a_passed_through_path_cannot_split_the_upstrea
     assert r.status_code == 404  # the upstream saw one request for an odd file name: no such file
     assert sim.stats()["requests"].get("/v1/chat/completions", 0) == 0
     assert [row.operation for row in gateway.rows()] == ["files"]
+
+
+def _established(port: int) -> int:
+    """TCP connections established to ``port`` on IPv4 loopback, as the kernel counts them."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, _, state = line.split()[1:4]
+        count += int(local.rsplit(":", 1)[1], 16) == port and state == "01"
+    return count
+
+
+def test_a_burst_of_upstream_connections_is_closed_once_idle_for_the_keepalive(
+        make_gateway: Callable[..., GatewayHandle], make_sim: Callable[..., SimHandle]) -> None:
+    sim = make_sim(ttft_ms=300)  # every call of the burst holds its own connection
+    gw = make_gateway([{"name": "sim", "base_url": sim.url, "timeout": {"keepalive": 1.0}}])
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=40)) as client:
+            calls = [client.post(f"{gw.url}/chat/completions", json=CHAT) for _ in range(40)]
+            return [r.status_code for r in await asyncio.gather(*calls)]
+
+    assert asyncio.run(burst()) == [200] * 40
+    assert _established(sim.port) > 20  # one per call in flight (most of the 40), kept for the next calls
+    t0 = time.monotonic()
+    while _established(sim.port) and time.monotonic() - t0 < 5:
+        time.sleep(0.05)
+    assert _established(sim.port) == 0, "idle connections outlived the keep-alive timeout"
+    assert time.monotonic() - t0 > 0.5  # kept until then

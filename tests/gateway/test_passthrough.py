@@ -6,13 +6,17 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 from aiohttp import web
+from genai_prices import Usage as GenaiUsage
+from genai_prices import calc_price
 
 from tests.conftest import GatewayHandle, LoopThread, track
 from tokenbooth.control.keys import KeyStore
@@ -245,3 +249,59 @@ def test_a_background_response_is_charged_once_when_a_poll_sees_it_done(gateway:
                                                                     polled.usage.output_tokens)
     assert charged[0].model == "gpt-4o-mini" and charged[0].operation == "responses"
     assert gateway.sample("tokenbooth_cost_usd_total") == pytest.approx(float(charged[0].cost_usd), rel=1e-9)
+    assert {r.response_id for r in [created, *polls]} == {queued.id}  # the create and its polls, linked
+
+
+def _done(client: openai.OpenAI, response_id: str) -> Any:
+    deadline = time.monotonic() + 5
+    while (polled := client.responses.retrieve(response_id)).status != "completed" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return polled
+
+
+def test_a_resumed_stream_of_a_background_response_charges_it_once(gateway: GatewayHandle) -> None:
+    client = track(openai.OpenAI(base_url=gateway.url, api_key="k", max_retries=0))
+    queued = client.responses.create(model="gpt-4o-mini", input="write a haiku", background=True)
+    first = list(client.responses.retrieve(queued.id, stream=True))  # waits for it to finish, then replays
+    again = list(client.responses.retrieve(queued.id, stream=True, starting_after=0))
+    assert first[-1].type == again[-1].type == "response.completed" and len(again) == len(first) - 1
+    usage = first[-1].response.usage
+    assert usage is not None
+    created, resumed, resumed_again = gateway.rows()
+    assert (resumed.operation, resumed.input_tokens, resumed.output_tokens, resumed.served_model) == \
+        ("responses", usage.input_tokens, usage.output_tokens, "gpt-4o-mini")
+    assert resumed.cost_usd is not None and resumed.cost_usd > 0 and not resumed.tokens_estimated
+    assert (resumed_again.cost_usd, resumed_again.output_tokens) == (0, 0)  # read again: never charged twice
+    assert {r.response_id for r in (created, resumed, resumed_again)} == {queued.id}
+
+
+def test_a_batch_is_charged_once_at_its_discount_when_a_poll_sees_it_done(
+        make_gateway: Callable[..., GatewayHandle], make_sim: Callable[..., Any]) -> None:
+    sim = make_sim(batch_s=0.3)
+    gw = make_gateway([{"name": "default", "base_url": sim.url, "provider": "openai", "models": ["*"]}])
+    client = track(openai.OpenAI(base_url=gw.url, api_key="k", max_retries=0))
+    lines = b"".join(orjson.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                                   "body": {"model": "gpt-4o-mini", "max_tokens": 30,
+                                            "messages": [{"role": "user", "content": "summarise " * 300 * i}]}})
+                     + b"\n" for i in range(1, 4))
+    upload = client.files.create(file=("requests.jsonl", lines), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 5
+    while (polled := client.batches.retrieve(batch.id)).status != "completed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.batches.retrieve(batch.id)  # one more look after it was done
+    assert polled.status == "completed" and polled.usage is not None
+    rows = [r for r in gw.rows() if r.operation == "batches"]
+    charged = [r for r in rows if r.cost_usd]
+    assert len(rows) >= 3 and len(charged) == 1  # the create and every other read cost nothing
+    assert all(r.cost_usd == 0 for r in rows if r is not charged[0])
+    (row,) = charged
+    u = polled.usage
+    assert (row.input_tokens, row.cached_input_tokens, row.output_tokens, row.model) == \
+        (u.input_tokens, u.input_tokens_details.cached_tokens, u.output_tokens, "gpt-4o-mini")
+    cached = u.input_tokens_details.cached_tokens
+    list_price = calc_price(GenaiUsage(input_tokens=u.input_tokens, cache_read_tokens=cached,
+                                       output_tokens=u.output_tokens), "gpt-4o-mini", provider_id="openai").total_price
+    assert abs(row.cost_usd - list_price / 2) < Decimal("1e-9") and row.price_source == "genai-prices+batch"
+    assert {r.response_id for r in rows} == {batch.id}
+    assert gw.sample("tokenbooth_cost_usd_total") == pytest.approx(float(list_price / 2), rel=1e-9)

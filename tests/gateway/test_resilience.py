@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -182,3 +183,55 @@ def test_streams_are_retried_before_they_start(make_gateway: Callable[..., Gatew
         raw = resp.read()
     assert resp.status_code == 200 and raw.rstrip().endswith(b"[DONE]")
     assert sim.stats()["total"] == 2
+
+
+def test_a_reset_after_the_upstream_read_the_request_is_a_counted_retry(
+    make_gateway: Callable[..., GatewayHandle], sim: SimHandle
+) -> None:
+    gw = make_gateway([{"name": "sim", "base_url": sim.url, "retry": FAST}])
+    assert _post(gw).status_code == 200
+    assert len(gw.gateway.proxy.pools["sim"].idle) == 1  # the next call goes out on this kept connection
+    sim.script([{"fault": "reset"}, {}])  # the upstream reads the whole request, then drops the connection
+    assert _post(gw).status_code == 200
+    rows = gw.rows()
+    assert [r.attempts for r in rows] == [1, 2]
+    assert sim.stats()["total"] == 3 == sum(r.attempts for r in rows)
+    assert gw.sample("tokenbooth_upstream_retries_total", upstream="sim", reason="connection") == 1
+
+
+def test_under_chaos_the_ledger_counts_every_request_the_upstream_received(
+    make_gateway: Callable[..., GatewayHandle], make_sim: Callable[..., SimHandle]
+) -> None:
+    sim = make_sim(faults={"reset": 0.1, "500": 0.05, "429": 0.05}, retry_after=0.01)
+    gw = make_gateway([{"name": "sim", "base_url": sim.url, "retry": FAST, "circuit": {"enabled": False}}])
+
+    async def load() -> list[int]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=16)) as client:
+            gate = asyncio.Semaphore(16)
+
+            async def call() -> int:
+                async with gate:
+                    return (await client.post(f"{gw.url}/chat/completions", json=CHAT)).status_code
+
+            return await asyncio.gather(*(call() for _ in range(400)))
+
+    statuses = asyncio.run(load())
+    rows = gw.rows()
+    assert len(rows) == 400 and statuses.count(200) > 300
+    attempts = sum(r.attempts for r in rows)
+    assert sim.stats()["total"] == attempts  # nothing was sent that the ledger does not show
+    assert gw.sample("tokenbooth_upstream_retries_total", upstream="sim") == attempts - 400
+
+
+def test_a_call_refused_while_the_circuit_is_open_records_no_attempt(
+    make_gateway: Callable[..., GatewayHandle], sim: SimHandle
+) -> None:
+    gw = make_gateway([{"name": "sim", "base_url": sim.url, "retry": {"attempts": 1},
+                        "circuit": {"consecutive_failures": 1, "cooldown": 60}}])
+    sim.faults("500=1")
+    assert _post(gw).status_code == 500  # the failure that opens the circuit
+    r = _post(gw)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "circuit_open"
+    rows = gw.rows()
+    assert [(row.attempts, row.error_type) for row in rows] == [(1, "server_error"), (0, "server_error")]
+    assert sim.stats()["total"] == 1

@@ -168,3 +168,13 @@ def test_a_database_that_refuses_gives_one_line_and_writes_nothing(tmp_path: Pat
     err = capsys.readouterr().err
     assert err.startswith("tokenbooth: error: The ledger refused the replay, so nothing was written: no such table")
     assert err.count("\n") == 1
+
+
+def test_a_spill_from_before_a_column_was_added_still_replays(tmp_path: Path) -> None:
+    spill = _spill(tmp_path, [record(1)])
+    spill.write_bytes(spill.read_bytes().replace(b',"response_id":null', b""))  # as tokenbooth 0.x wrote it
+    assert b"response_id" not in spill.read_bytes()
+    engine = connect(f"sqlite:///{tmp_path / 'ledger.db'}")
+    assert replay(engine, spill).inserted == 1
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(calls.c.response_id)).scalar_one() is None

@@ -41,6 +41,13 @@ __all__ = ["Controller", "Demand", "Ticket"]
 log = logging.getLogger("tokenbooth.control")
 
 _GAUGE_EVERY = 1.0  # seconds between updates of one budget's gauges
+# fast admission (redis.fast_admission): a call is admitted without waiting for Redis while this
+# replica's view of each of its checks is at most FAST_VIEW_AGE seconds old and leaves room for
+# FAST_ROOM_CALLS such calls and FAST_ROOM_SHARE of the limit
+FAST_VIEW_AGE = 1.0
+FAST_ROOM_CALLS = 1000
+FAST_ROOM_SHARE = 0.1
+CLAIM_TTL = 30 * 86_400  # seconds a charged background response or batch is remembered (OpenAI keeps them 30 days)
 _REPLAY_MAX = 100_000  # settlements kept for Redis while it is away; the ledger has them all in any case
 # a settlement Redis has not taken yet: call id, checks, reserved amounts, actual amounts, when
 _Replay = tuple[str, tuple[Check, ...], tuple[int, ...], tuple[int, ...], float]
@@ -119,6 +126,9 @@ class Controller:
         self._gauges: dict[tuple[str, str], tuple[Any, Any, Any]] = {}  # spent, limit, ratio
         self._latest: dict[tuple[str, str], tuple[Check, float]] = {}  # not in the gauges yet
         self._gauge_timer: asyncio.TimerHandle | None = None
+        self.fast = shared and settings.redis.fast_admission
+        self._views: dict[str, tuple[float, float]] = {}  # check key -> (monotonic time, room left) seen in Redis
+        self._overshoot_logged = 0.0
         self._redis_up = metrics.redis_up
         if shared:
             self._redis_up.set(1)
@@ -189,6 +199,13 @@ class Controller:
         now = self.clock()
         lease_until = now + self.lease
         local = False
+        if self.fast and not self._down:
+            rates = self._fast(checks, amounts)
+            if rates is not None:
+                ticket = Ticket(call_id, checks, amounts, False, rates)
+                if self.store.send_admit(call_id, checks, amounts, now, lease_until,  # type: ignore[attr-defined]
+                                         lambda admission, exc: self._admitted(ticket, admission, exc)):
+                    return ticket
         if self.shared:
             try:
                 admission = await self._admit_shared(call_id, checks, amounts, now, lease_until)
@@ -244,7 +261,82 @@ class Controller:
         for i, c in enumerate(checks):
             if c.kind == "budget" and admission.used:
                 self._last_used[c.key] = admission.used[i] - (amounts[i] if admission.refused is None else 0)
+        self._view(checks, admission)
         return admission
+
+    # -- fast admission ---------------------------------------------------------------------
+    def _fast(self, checks: tuple[Check, ...], amounts: tuple[int, ...]) -> tuple[RateState, ...] | None:
+        """The call's rate states if it may be admitted without waiting for Redis (see
+        FAST_VIEW_AGE), its amounts then taken from this replica's view; else None."""
+        t = time.monotonic()
+        views = self._views
+        for c, amount in zip(checks, amounts, strict=True):
+            if c.kind == "budget" and not c.hard:
+                continue
+            view = views.get(c.key)
+            if c.kind == "concurrency" or view is None or t - view[0] > FAST_VIEW_AGE or \
+                    view[1] - amount < max(FAST_ROOM_CALLS * amount, FAST_ROOM_SHARE * c.limit):
+                return None
+        best: dict[str, RateState] = {}
+        for c, amount in zip(checks, amounts, strict=True):
+            view = views.get(c.key)
+            if view is None:
+                continue
+            left = view[1] - amount
+            views[c.key] = (view[0], left)
+            if c.kind == "rate":
+                state = RateState(c.name, c.limit, int(left), (c.limit - left) / c.per_second)
+                held = best.get(c.name)
+                if held is None or state.remaining / state.limit < held.remaining / held.limit:
+                    best[c.name] = state
+        return tuple(best.values())
+
+    def _view(self, checks: tuple[Check, ...], admission: Admission) -> None:
+        """Remember the room Redis said each check has left, for fast admission."""
+        if not self.fast:
+            return
+        if not admission.admitted or not admission.used:
+            for c in checks:
+                self._views.pop(c.key, None)
+            return
+        t = time.monotonic()
+        if len(self._views) > 10_000:
+            self._views.clear()
+        for c, used in zip(checks, admission.used, strict=True):
+            if c.kind == "budget":
+                self._views[c.key] = (t, c.limit - used)
+            elif c.kind == "rate":
+                self._views[c.key] = (t, used)  # a bucket's "used" is the tokens it has left
+
+    def _admitted(self, ticket: Ticket, admission: Admission | None, exc: BaseException | None) -> None:
+        """Redis's answer to an admission sent without waiting. Refused (other replicas spent the
+        room within a second) or not reserved, the call is already on its way: its rate
+        reservations are dropped, so settlement counts what it used, and it is logged."""
+        checks = ticket.checks
+        if admission is not None and admission.admitted:
+            for i, c in enumerate(checks):
+                if c.kind == "budget" and admission.used:
+                    self._last_used[c.key] = admission.used[i]
+            self._view(checks, admission)
+            self._observe_budgets(checks, admission)
+            return
+        for c in checks:
+            self._views.pop(c.key, None)
+        if isinstance(exc, StoreUnavailable):
+            self._went_down(exc, self.clock())
+            ticket.local = True  # settled in process, and replayed to Redis when it is back
+            return
+        ticket.amounts = tuple(0 if c.kind == "rate" else a for c, a in zip(checks, ticket.amounts, strict=True))
+        if admission is not None and admission.refused is not None:
+            self.metrics.fast_overshoot.inc()
+            now = time.monotonic()
+            if now - self._overshoot_logged > 60:
+                self._overshoot_logged = now
+                log.warning("a call admitted without waiting for Redis went past %s's limit: other replicas "
+                            "used the room this one saw within the last second (counted in "
+                            "tokenbooth_admission_overshoot_total)", checks[admission.refused].scope)
+        elif exc is not None:
+            log.error("an admission sent to Redis failed: %s", exc)
 
     async def _recover(self) -> None:
         """Redis answers again: hand it the settlements it missed, then share state again.
@@ -291,6 +383,17 @@ class Controller:
                         check.scope, exc.__class__.__name__)
             return 0
         return to_units(amount)
+
+    async def claim(self, name: str, ttl: int = CLAIM_TTL) -> bool:
+        """Whether this replica is the first to claim ``name``: a background response or a batch
+        seen finished, which is charged once. Asked of Redis when it is shared and answers;
+        else of this process's memory (two replicas may then each charge it once)."""
+        if self.shared and not self._down:
+            try:
+                return await self.store.claim(name, ttl)
+            except StoreUnavailable as exc:
+                self._went_down(exc, self.clock())
+        return await self.local.claim(name, ttl)
 
     def _outage_view(self, checks: tuple[Check, ...]) -> tuple[Check, ...]:
         """Checks for the in-process store while Redis is away: each hard budget lends this

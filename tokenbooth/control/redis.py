@@ -25,6 +25,7 @@ __all__ = ["RedisStore"]
 _LUA = Path(__file__).with_name("lua")
 _KIND = {"budget": "b", "rate": "r", "concurrency": "c"}
 EPOCH_KEY = "tb:epoch"
+CLAIM_PREFIX = "tb:charged:"  # a background response or batch charged once, by whichever replica saw it done
 SETTLED_TTL = 3600  # seconds a settled call's marker keeps a replayed settlement from counting twice
 SETTLE_DEFER = 0.002  # seconds a settlement may wait to share a write with the next command
 
@@ -87,6 +88,18 @@ class _Encoded:
 _SETTLED_TTL = bulk(b"%d" % SETTLED_TTL)
 
 
+def _admission(reply: Any) -> Admission:
+    """admit.lua's reply as an Admission."""
+    verdict = reply[0]
+    if verdict == b"dup":
+        return Admission()
+    if verdict == b"seed":
+        return Admission(need_seed=tuple(int(i) - 1 for i in reply[1]))
+    used = tuple(map(float, reply[2]))
+    spent = tuple(map(float, reply[3]))
+    return Admission(refused=int(reply[1]) - 1 if verdict == b"refused" else None, used=used, spent=spent)
+
+
 class RedisStore:
     """The :class:`~tokenbooth.control.store.Store` in Redis. ``observe(operation, seconds,
     failed)`` is called after every command, for the latency and error metrics."""
@@ -135,19 +148,28 @@ class RedisStore:
         finally:
             self._note(name, t0, failed)
 
-    async def epoch(self) -> str:
-        """Redis's epoch: a random value set once; a Redis that lost its data has a new one."""
+    async def _commands(self, name: str, *commands: tuple[Any, ...]) -> Any:
+        """Run plain commands in turn; the last one's reply."""
         t0 = time.perf_counter()
         failed = True
         try:
-            await self.conn.execute("SET", EPOCH_KEY, uuid.uuid4().hex, "NX")
-            value = await self.conn.execute("GET", EPOCH_KEY)
+            for command in commands:
+                reply = await self.conn.execute(*command)
             failed = False
-            return str(value.decode() if value else "")
+            return reply
         except (OSError, TimeoutError, ConnectionError, RedisReplyError) as exc:
             raise StoreUnavailable(f"{exc.__class__.__name__}: {exc}") from exc
         finally:
-            self._note("epoch", t0, failed)
+            self._note(name, t0, failed)
+
+    async def epoch(self) -> str:
+        """Redis's epoch: a random value set once; a Redis that lost its data has a new one."""
+        value = await self._commands("epoch", ("SET", EPOCH_KEY, uuid.uuid4().hex, "NX"), ("GET", EPOCH_KEY))
+        return str(value.decode() if value else "")
+
+    async def claim(self, name: str, ttl: int) -> bool:
+        """Whether this is the first claim of ``name`` on any replica (kept ``ttl`` seconds)."""
+        return await self._commands("claim", ("SET", f"{CLAIM_PREFIX}{name}", "1", "NX", "EX", ttl)) is not None
 
     async def ping(self) -> None:
         await self._run("ping", None)
@@ -155,15 +177,32 @@ class RedisStore:
     async def admit(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], now: float,
                     lease_until: float) -> Admission:
         enc = self._encode(checks)
-        reply = await self._run("admit", lambda sha: enc.admit(sha, call_id, amounts, now, lease_until))
-        verdict = reply[0]
-        if verdict == b"dup":
-            return Admission()
-        if verdict == b"seed":
-            return Admission(need_seed=tuple(int(i) - 1 for i in reply[1]))
-        used = tuple(map(float, reply[2]))
-        spent = tuple(map(float, reply[3]))
-        return Admission(refused=int(reply[1]) - 1 if verdict == b"refused" else None, used=used, spent=spent)
+        return _admission(await self._run("admit", lambda sha: enc.admit(sha, call_id, amounts, now, lease_until)))
+
+    def send_admit(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], now: float,
+                   lease_until: float, done: Callable[[Admission | None, BaseException | None], None]) -> bool:
+        """``admit`` without waiting for the answer, which goes to ``done(admission, None)``, or
+        ``done(None, error)`` (a ``StoreUnavailable``, or the script's error). Returns False, having
+        sent nothing, when the connection or the script is not ready."""
+        sha = self._sha.get("admit")
+        if sha is None or not self.conn.ready():
+            return False
+        t0 = time.perf_counter()
+
+        def finished(reply: Any, exc: BaseException | None) -> None:
+            self._note("admit", t0, exc is not None)
+            if exc is None:
+                done(_admission(reply), None)
+                return
+            if isinstance(exc, RedisReplyError):
+                if str(exc).startswith("NOSCRIPT"):
+                    self._sha.pop("admit", None)  # loaded again by the next admission that waits
+                done(None, exc)
+            else:
+                done(None, StoreUnavailable(f"{exc.__class__.__name__}: {exc}"))
+
+        self.conn.send(self._encode(checks).admit(sha, call_id, amounts, now, lease_until), finished)
+        return True
 
     async def settle(self, call_id: str, checks: Sequence[Check], amounts: Sequence[int], actual: Sequence[int],
                      now: float) -> None:

@@ -13,17 +13,22 @@
 - a budget's state starts unseeded; ``admit`` then answers ``need_seed`` and the controller
   seeds it from the ledger (``seed`` keeps the larger of the ledger's and the store's spend,
   so a restart or a flush never counts a call twice).
+- ``claim`` answers True once per name (for ``ttl`` seconds): a background response or a batch
+  seen finished is charged by the first replica that claims it.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tokenbooth.control.policy import Check
+
+CLAIMS_MAX = 100_000  # names a MemoryStore remembers claimed
 
 __all__ = ["Admission", "MemoryStore", "Store", "StoreUnavailable"]
 
@@ -62,6 +67,8 @@ class Store(Protocol):
                      now: float) -> None: ...
 
     async def seed(self, check: Check, spent: int) -> None: ...
+
+    async def claim(self, name: str, ttl: int) -> bool: ...
 
     async def close(self) -> None: ...
 
@@ -110,6 +117,7 @@ class MemoryStore:
         self._settled: set[str] = set()  # recently settled calls (idempotency), oldest first in _order
         self._order: deque[str] = deque()
         self._admitted: set[str] = set()
+        self._claims: OrderedDict[str, float] = OrderedDict()  # name -> expiry (monotonic), oldest first
 
     def _budget(self, check: Check) -> _Budget:
         key = _state_key(check)
@@ -211,6 +219,17 @@ class MemoryStore:
         if not state.seeded:
             state.spent = max(state.spent, spent)
             state.seeded = True
+
+    async def claim(self, name: str, ttl: int) -> bool:
+        now = time.monotonic()
+        claims = self._claims
+        if claims.get(name, 0.0) > now:
+            return False
+        claims[name] = now + ttl
+        claims.move_to_end(name)
+        while len(claims) > CLAIMS_MAX or (claims and next(iter(claims.values())) <= now):
+            claims.popitem(last=False)  # the oldest first: same ttl, so also the first to expire
+        return True
 
     async def close(self) -> None:
         return None

@@ -35,6 +35,7 @@ from tokenbooth.errors import (
     UpstreamStatusError,
 )
 from tokenbooth.gateway.client import safe_target
+from tokenbooth.gateway.connections import ConnectionLimits
 from tokenbooth.gateway.notify import PATH_PREFIX as WEBHOOK_PREFIX
 from tokenbooth.gateway.notify import Notifier
 from tokenbooth.gateway.passthrough import Passthrough
@@ -51,7 +52,8 @@ __all__ = ["Gateway", "build_gateway"]
 
 log = logging.getLogger("tokenbooth.gateway")
 
-REJECT_REASONS = ("auth", "budget", "rate_limit", "concurrency", "invalid_request", "not_found", "too_large")
+REJECT_REASONS = ("auth", "budget", "rate_limit", "concurrency", "invalid_request", "not_found", "too_large",
+                  "headers_too_large", "timeout", "connection_limit")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 _JSON = (b"content-type", b"application/json")
 _MODELS = re.compile(r"^/v1/models(/[^/]+)?$")  # the gateway's own answer: configured models first
@@ -74,6 +76,8 @@ class Gateway:
         self._rejected = proxy.meter.metrics.rejected
         for reason in REJECT_REASONS:  # at 0 from the start, so the first refusal shows in increase()
             self._rejected.labels(reason)
+        # what the connections uvicorn serves this app on share (gateway/connections.py)
+        self.connection_limits = ConnectionLimits(settings.limits, self._rejected)
         self._admin_key = settings.auth.admin_key() if settings.auth_mode == "keys" else None
         self.notifier = Notifier(settings.notify)  # Alertmanager webhooks -> chat robots
         # Request ids: a random per-process prefix and a counter, unique without a syscall per call.
@@ -171,6 +175,8 @@ class Gateway:
                 raise NotFound(f"Unknown request URL: {method} {path}.")
         except TokenboothError as exc:
             await self._render_error(send, exc, request_id, anthropic=path.startswith("/v1/messages"))
+        except _ClientGone:
+            pass  # nothing went upstream, nothing to answer or to record
 
     def _check_admin(self, headers: dict[bytes, bytes]) -> None:
         """Admin endpoints (the Alertmanager webhooks) need the admin key once keys mode is on."""
@@ -246,6 +252,10 @@ def _tune_interpreter() -> None:
     gc.freeze()
 
 
+class _ClientGone(Exception):
+    """The client hung up, or was cut off (``limits.body_timeout``), before its body was whole."""
+
+
 async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to pass ``limit`` bytes: by its
     Content-Length before a byte is read, or as it arrives."""
@@ -253,6 +263,8 @@ async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) 
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(limit)
     message = await receive()
+    if message["type"] == "http.disconnect":
+        raise _ClientGone
     body: bytes = message.get("body", b"")
     if not message.get("more_body"):
         if len(body) > limit:
@@ -262,6 +274,8 @@ async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) 
     size = len(body)
     while message.get("more_body"):
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

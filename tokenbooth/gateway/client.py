@@ -5,7 +5,8 @@ The proxy path spends most of its time talking to upstreams, and a general-purpo
 multidicts, tracing hooks, payload registries. This client does only what the proxy needs,
 with httptools (the parser uvicorn uses) on a plain ``asyncio.Protocol``:
 
-- one :class:`Pool` per upstream origin keeps idle keep-alive connections, plain or TLS;
+- one :class:`Pool` per upstream origin keeps idle keep-alive connections, plain or TLS, and
+  closes each one that has been idle for the upstream's ``timeout.keepalive``;
 - a request is written in one ``transport.write``; the response arrives as an
   :class:`UpstreamResponse` whose body is read whole (``await read()``) or chunk by chunk as
   it arrives (``async for``), chunked transfer and gzip/deflate decoded;
@@ -14,9 +15,11 @@ with httptools (the parser uvicorn uses) on a plain ``asyncio.Protocol``:
 - failures raise tokenbooth's upstream errors directly (connect, connect timeout, read
   timeout, invalid response), so nothing third-party leaks out of this module.
 
-A request sent on a reused connection that the upstream had already closed (the keep-alive
-race) is sent again once on a new connection: no byte of an answer came back, so the upstream
-never took the request.
+A request is never sent twice here. An idle connection is reused only if nothing has arrived on
+it, an end of file included (the socket is polled first), so one the upstream has closed is
+dropped before a byte of the request goes out. A request that fails once written raises, even
+with no byte of an answer back: the upstream may have read it, and may bill it, so sending it
+again is a retry, which the proxy decides, counts and records (``attempts``).
 
 >>> pool = Pool("https://api.openai.com", TimeoutConfig(), upstream="openai")  # doctest: +SKIP
 >>> resp = await pool.request(b"/v1/chat/completions", body, [(b"authorization", b"Bearer ...")])
@@ -29,6 +32,7 @@ import asyncio
 import base64
 import collections
 import re
+import select
 import ssl
 import zlib
 from collections.abc import AsyncIterator, Iterable
@@ -48,7 +52,6 @@ from tokenbooth.errors import (
 
 __all__ = ["Pool", "UpstreamResponse", "safe_target"]
 
-_IDLE_SECONDS = 50.0  # drop idle connections before common servers' keep-alive timeouts (60 s and up)
 _HIGH_WATER = 256 * 1024  # unread body bytes at which reading from the upstream pauses
 _DECODERS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
 
@@ -201,10 +204,10 @@ class _Connection(asyncio.Protocol):
         self.response: UpstreamResponse | None = None
         self.complete = False
         self.keep_alive = False
-        self.got_bytes = False
         self.paused = False
         self.drained: asyncio.Future[None] | None = None  # set while the transport's buffer is full
         self.partial = False  # the request body was not sent whole: the connection cannot be reused
+        self.poller: select.poll | None = None  # reports the socket readable: data or end of file
 
     # asyncio.Protocol
     def pause_writing(self) -> None:
@@ -222,9 +225,18 @@ class _Connection(asyncio.Protocol):
             await self.drained
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport: create_connection
+        sock = transport.get_extra_info("socket")
+        if sock is not None and hasattr(select, "poll"):
+            self.poller = select.poll()
+            self.poller.register(sock.fileno(), select.POLLIN)
+
+    def reusable(self) -> bool:
+        """Whether an idle connection may carry a request: open, and nothing arrived on it since its
+        last answer. What arrives on an idle connection is an end of file (the upstream closed it,
+        perhaps a moment ago, before the event loop has seen it) or bytes nobody asked for."""
+        return not self.closed and not (self.poller is not None and self.poller.poll(0))
 
     def data_received(self, data: bytes) -> None:
-        self.got_bytes = True
         self.last_data = self.loop.time()
         if self.complete or (self.head is None and self.response is None):
             self.abort()  # bytes after the answer, or nobody asked: the connection cannot be trusted
@@ -293,7 +305,6 @@ class _Connection(asyncio.Protocol):
         self.headers = []
         self.response = None
         self.complete = self.keep_alive = False
-        self.got_bytes = False
         self.partial = False
         self.head = self.loop.create_future()
         self.last_data = self.loop.time()
@@ -312,8 +323,7 @@ class _Connection(asyncio.Protocol):
         self._cancel_timer()
         if self.complete and self.keep_alive and not self.closed and not self.partial:
             self.resume()
-            self.idle_since = self.loop.time()
-            self.pool.idle.append(self)
+            self.pool.park(self)
         else:
             self.abort()
 
@@ -423,7 +433,8 @@ class Pool:
                 self.proxy_auth = f"proxy-authorization: Basic {token}\r\n".encode()
             if not self.tls:  # plain HTTP through a proxy: the absolute URL in the request line
                 self.prefix = b"http://" + self.host_header + self.prefix
-        self.idle: collections.deque[_Connection] = collections.deque()
+        self.idle: collections.deque[_Connection] = collections.deque()  # longest idle first
+        self._reaper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -453,15 +464,8 @@ class Pool:
             *[b"%s: %s\r\n" % pair for pair in headers], b"\r\n",
         ])
         deadline = self.loop.time() + self.timeout.total
-        conn = self._idle()
-        if conn is not None:
-            try:
-                return await self._send(conn, head, body, deadline, stream, length is None)
-            except UpstreamConnectError:
-                if conn.got_bytes or conn.partial:
-                    raise
-                # the upstream closed the idle connection as we sent: it never saw this request
-        return await self._send(await self._connect(), head, body, deadline, stream, length is None)
+        conn = self._idle() or await self._connect()
+        return await self._send(conn, head, body, deadline, stream, length is None)
 
     @staticmethod
     async def _send(conn: _Connection, head: bytes, body: bytes, deadline: float,
@@ -489,10 +493,29 @@ class Pool:
         now = self.loop.time()
         while self.idle:
             conn = self.idle.pop()  # the most recently used: the most likely to be alive
-            if not conn.closed and now - conn.idle_since < _IDLE_SECONDS:
+            if now - conn.idle_since < self.timeout.keepalive and conn.reusable():
                 return conn
             conn.abort()
         return None
+
+    def park(self, conn: _Connection) -> None:
+        """Keep a connection whose answer is complete for the next request, for ``keepalive`` seconds."""
+        conn.idle_since = self.loop.time()
+        self.idle.append(conn)
+        if self._reaper is None:
+            self._reaper = self.loop.call_at(conn.idle_since + self.timeout.keepalive, self._reap)
+
+    def _reap(self) -> None:
+        """Close the connections idle for ``keepalive`` seconds (after a burst, most of them: reuse
+        takes the most recent first), then wait for the next one to be."""
+        self._reaper = None
+        keepalive = self.timeout.keepalive
+        expired = self.loop.time() - keepalive + 0.001  # a timer may fire a clock tick early
+        idle = self.idle
+        while idle and idle[0].idle_since <= expired:
+            idle.popleft().abort()
+        if idle:
+            self._reaper = self.loop.call_at(idle[0].idle_since + keepalive, self._reap)
 
     async def _connect(self) -> _Connection:
         try:
@@ -538,6 +561,9 @@ class Pool:
 
     def close(self) -> None:
         """Close every idle connection."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         while self.idle:
             self.idle.pop().abort()
 

@@ -10,9 +10,15 @@ and a JSON answer of up to ``_USAGE_BYTES`` is kept beside the stream, to find i
 Each call is one record under an ``operation`` named by the path's family. It is priced from
 the usage it reports (image generation, transcription in tokens, ``responses/compact``);
 moderations, token counts and reads of stored responses cost nothing; anything else is
-unpriced (its cost is unknown, never $0). A background response, recorded at no cost when it
-was queued, is charged by the first read that sees it finished (remembered per process: two
-replicas polling one response may each charge it once).
+unpriced (its cost is unknown, never $0).
+
+A background response, recorded at no cost when it was queued, is charged by the first read
+that sees it finished: a poll (``GET /v1/responses/{id}``) or a resumed stream (``?stream=true``).
+A batch is charged by the first read that sees it finished with its ``usage``, at
+``passthrough.batch_discount`` of the list price (the Batch API's 50 %, which genai-prices does
+not apply); its create and other reads cost nothing. "First" is asked of Redis when budgets
+share it, so one charge holds across replicas; else it is remembered per process. Every row of
+a stored response or a batch carries its id (``response_id``), which links them.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import orjson
 
 from tokenbooth.calls import CallState
 from tokenbooth.config import PassthroughConfig, UpstreamConfig
-from tokenbooth.control.controller import Demand, Ticket
+from tokenbooth.control.controller import CLAIM_TTL, Controller, Demand, Ticket
 from tokenbooth.control.keys import ClientKey
+from tokenbooth.control.store import MemoryStore
 from tokenbooth.errors import (
     ErrorType,
     InvalidRequest,
@@ -39,7 +46,8 @@ from tokenbooth.errors import (
     classify_status,
 )
 from tokenbooth.gateway.proxy import HangupWatch, Proxy, Receive, Send
-from tokenbooth.record import NO_USAGE, Operation, Outcome
+from tokenbooth.record import NO_USAGE, Operation, Outcome, TokenUsage
+from tokenbooth.streams import ResponsesStream
 from tokenbooth.tokens import usage_from_openai, usage_from_responses
 
 __all__ = ["Passthrough", "family"]
@@ -60,11 +68,13 @@ _FAMILIES = {
 }
 # what costs nothing: moderations, and (but compact) the reads, deletions and token counts of
 # stored responses
-_FREE = frozenset({Operation.MODERATIONS})
+_FREE = frozenset({Operation.MODERATIONS, Operation.RESPONSES, Operation.BATCHES})
 _COMPACT = "/v1/responses/compact"  # Codex's compaction: a generation of its own, priced by its usage
 _TERMINAL = ("completed", "incomplete", "failed", "cancelled")
-_RESPONSE = re.compile(r"^/v1/responses/[^/]+$")  # GET: one stored response, as a poll reads it
-_CHARGED_MAX = 100_000
+_BATCH_TERMINAL = ("completed", "failed", "expired", "cancelled")
+_RESPONSE = re.compile(r"^/v1/responses/([^/]+)$")  # GET: one stored response, as a poll reads it
+_STORED = re.compile(r"^/v1/(?:responses|batches)/([^/]+)")  # a stored response's or a batch's own paths
+_NOT_IDS = frozenset({"compact", "input_tokens"})
 _USAGE_BYTES = 1 << 20  # a JSON answer up to this size is kept to read its usage
 # hop-by-hop headers, and what no longer holds once the gateway has decoded the body
 _DROP_RESPONSE = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length",
@@ -116,7 +126,8 @@ class Passthrough:
         self.max_upload = max_upload
         router = proxy.router
         named = next((u for u in router.upstreams if u.name == config.upstream), None)
-        self._charged: dict[str, None] = {}  # background responses charged, oldest first
+        # who charges a finished background response or batch: the first to claim it
+        self._claims: Controller | MemoryStore = proxy.control if proxy.control is not None else MemoryStore()
         self.default: UpstreamConfig | None = named or router.wildcard or \
             (router.upstreams[0] if router.upstreams else None)
 
@@ -204,20 +215,6 @@ class Passthrough:
                            model=model or call.target_model, payload={}, started_at=started_at,
                            duration=time.perf_counter() - arrived, streamed=False)
 
-    def _background_done(self, path: str, parsed: Any) -> bool:
-        """Whether this read of a background response is the first to see it finished: the one
-        that charges it (its create was recorded at no cost). Remembered per process."""
-        if not (isinstance(parsed, dict) and parsed.get("background") is True and _RESPONSE.match(path)
-                and parsed.get("status") in _TERMINAL and isinstance(parsed.get("id"), str)):
-            return False
-        rid = parsed["id"]
-        if rid in self._charged:
-            return False
-        self._charged[rid] = None
-        if len(self._charged) > _CHARGED_MAX:
-            self._charged.pop(next(iter(self._charged)))
-        return True
-
     async def _answer(self, resp: Any, call: CallState, op: Operation, path: str, request_id: str, send: Send,
                       watch: HangupWatch) -> None:
         """Stream the upstream's answer back, keeping a small JSON one to read its usage."""
@@ -229,8 +226,11 @@ class Passthrough:
                     out.append((b"x-upstream-request-id", value))
                 elif name not in _DROP_RESPONSE:
                     out.append((name, value))
-            json_answer = (resp.header(b"content-type") or "").startswith("application/json")
-            kept: list[bytes] | None = [] if json_answer else None
+            content_type = resp.header(b"content-type") or ""
+            kept: list[bytes] | None = [] if content_type.startswith("application/json") else None
+            # a stored response's events, resumed (?stream=true): the terminal one has its usage
+            follower = ResponsesStream() if op is Operation.RESPONSES and resp.status < 400 \
+                and content_type.startswith("text/event-stream") else None
             size = 0
             await send({"type": "http.response.start", "status": resp.status, "headers": out})
             if resp.status >= 400:  # an error answer is small: read whole, so no upstream key it quotes gets out
@@ -245,6 +245,8 @@ class Passthrough:
                         kept.append(chunk)
                     else:
                         kept = None
+                elif follower is not None:
+                    follower.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             watch.done()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -255,21 +257,54 @@ class Passthrough:
             call.reported = NO_USAGE
             return
         call.outcome = Outcome.SUCCESS
-        usage, parsed = None, None
+        parsed: Any = None
         if kept:
             try:
                 parsed = orjson.loads(b"".join(kept))
             except orjson.JSONDecodeError:
                 parsed = None
-            raw = parsed.get("usage") if isinstance(parsed, dict) else None
-            if isinstance(raw, dict):
-                usage = usage_from_responses(raw) if "input_tokens" in raw else usage_from_openai(raw)
-            served = parsed.get("model") if isinstance(parsed, dict) else None
-            call.served_model = served if isinstance(served, str) else None
-            if not call.target_model and call.served_model:  # a GET names no model: price by the answer's
-                call.target_model = call.served_model
-        if op is Operation.RESPONSES and path != _COMPACT and not self._background_done(path, parsed):
-            usage = None  # a stored response read again: its usage was its own call's, charged then
+        if not isinstance(parsed, dict):
+            parsed = {}
+        served = parsed.get("model") if follower is None else follower.served_model
+        call.served_model = served if isinstance(served, str) else None
+        if not call.target_model and call.served_model:  # a GET names no model: price by the answer's
+            call.target_model = call.served_model
+        stored = _STORED.match(path)
+        if stored is not None and stored[1] not in _NOT_IDS:
+            call.response_id = stored[1]
+        elif op in (Operation.RESPONSES, Operation.BATCHES) and isinstance(parsed.get("id"), str):
+            call.response_id = parsed["id"]
+        usage = await self._usage(op, path, parsed, follower, call)
         call.reported = usage or NO_USAGE
-        free = op in _FREE or op is Operation.RESPONSES
-        call.unpriced = usage is None and not free
+        call.unpriced = call.unpriced or (usage is None and op not in _FREE)
+
+    async def _usage(self, op: Operation, path: str, parsed: dict[str, Any], follower: ResponsesStream | None,
+                     call: CallState) -> TokenUsage | None:
+        """What the call is charged for: the usage its answer reports, if it is a generation of
+        its own or the first read of a finished background response or batch; else None."""
+        if op is Operation.BATCHES:
+            raw = parsed.get("usage")
+            if parsed.get("object") != "batch" or parsed.get("status") not in _BATCH_TERMINAL or \
+                    not await self._claims.claim(f"batch:{parsed.get('id')}", CLAIM_TTL):
+                return None
+            call.rate = self.config.batch_discount
+            if not isinstance(raw, dict):  # finished, but its cost is not told: unknown, never $0
+                call.unpriced = True
+                return None
+            return usage_from_responses(raw)
+        if op is Operation.RESPONSES and path != _COMPACT:
+            poll = _RESPONSE.match(path)
+            if poll is None:
+                return None  # input items, deletion, cancellation, a token count: no generation
+            if follower is not None:  # a resumed stream: done when its terminal event came
+                done, background, usage = follower.finished, follower.background, follower.usage
+            else:
+                done, background = parsed.get("status") in _TERMINAL, parsed.get("background") is True
+                usage = usage_from_responses(parsed.get("usage")) if isinstance(parsed.get("usage"), dict) else None
+            if not (done and background and await self._claims.claim(f"response:{poll[1]}", CLAIM_TTL)):
+                return None  # a stored response read again: its usage was its own call's, charged then
+            return usage
+        raw = parsed.get("usage")
+        if not isinstance(raw, dict):
+            return None
+        return usage_from_responses(raw) if "input_tokens" in raw else usage_from_openai(raw)

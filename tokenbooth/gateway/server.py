@@ -1,4 +1,4 @@
-"""Running the gateway on uvicorn (httptools parser, uvloop event loop)."""
+"""Running the gateway on uvicorn (httptools parser under the connection limits, uvloop event loop)."""
 
 from __future__ import annotations
 
@@ -18,28 +18,30 @@ import uvicorn
 
 from tokenbooth.config import Settings
 from tokenbooth.gateway.app import Gateway
+from tokenbooth.gateway.connections import GatewayProtocol
 from tokenbooth.ledger.journal import recover
 
 __all__ = ["GatewayServer", "report_lost_rows", "run_workers", "uvicorn_config", "worker_app"]
 
 
-def _fastest(loop_or_http: str) -> str:
+def _event_loop() -> str:
     try:
-        __import__("uvloop" if loop_or_http == "loop" else "httptools")
-    except ImportError:
-        return "asyncio" if loop_or_http == "loop" else "h11"
-    return "uvloop" if loop_or_http == "loop" else "httptools"
+        import uvloop  # noqa: F401
+    except ImportError:  # Windows
+        return "asyncio"
+    return "uvloop"
 
 
 def uvicorn_config(gateway: Gateway | str, settings: Settings, **extra: Any) -> uvicorn.Config:
-    """The uvicorn configuration tokenbooth runs with: no access log, no per-response headers we
-    do not need, a graceful-shutdown window for in-flight calls."""
+    """The uvicorn configuration tokenbooth runs with: httptools under the connection limits
+    (``limits.*``, gateway/connections.py), no access log, no per-response headers we do not need,
+    a graceful-shutdown window for in-flight calls."""
     return uvicorn.Config(
         gateway,
         host=settings.host,
         port=settings.port,
-        loop=_fastest("loop"),
-        http=_fastest("http"),
+        loop=_event_loop(),
+        http=GatewayProtocol,
         lifespan="on",
         access_log=False,
         proxy_headers=False,  # client addresses are not used; skip the middleware
@@ -47,7 +49,7 @@ def uvicorn_config(gateway: Gateway | str, settings: Settings, **extra: Any) -> 
         server_header=False,
         date_header=False,
         timeout_graceful_shutdown=int(settings.graceful_shutdown + 0.999),
-        timeout_keep_alive=30,
+        timeout_keep_alive=settings.limits.keep_alive_timeout,
         **extra,
     )
 

@@ -7,10 +7,9 @@ from collections.abc import Mapping, Sequence
 
 from tokenbooth.config import RouteTarget, UpstreamConfig
 from tokenbooth.errors import ModelNotFound
+from tokenbooth.memo import remember
 
 __all__ = ["Router"]
-
-_CACHE_LIMIT = 4096
 
 
 class Router:
@@ -36,7 +35,7 @@ class Router:
                     self._patterns.append((name, up))
                 else:
                     self._exact.setdefault(name, up)
-        self._cache: dict[str, UpstreamConfig] = {}
+        self._cache: dict[str, UpstreamConfig] = {}  # by the model the client named: bounded (remember)
 
     @property
     def explicit_models(self) -> list[str]:
@@ -65,6 +64,4 @@ class Router:
             up = next((u for pattern, u in self._patterns if fnmatch.fnmatchcase(model, pattern)), None)
         if up is None:
             raise ModelNotFound(model)
-        if len(self._cache) < _CACHE_LIMIT:
-            self._cache[model] = up
-        return up
+        return remember(self._cache, model, up)

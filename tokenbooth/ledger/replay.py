@@ -144,9 +144,10 @@ def _parse(line: bytes, where: str) -> tuple[Table, dict[str, Any]]:
     for column in table.columns:
         if column.name == "id":
             continue
-        if column.name not in data:
+        if column.name not in data and not column.nullable:
             raise UsageError(f"{where}: no '{column.name}' for a {table.name} row")
-        row[column.name] = _value(column, data.pop(column.name), where)
+        # a column added since the spill was written is nullable, and missing from its lines
+        row[column.name] = _value(column, data.pop(column.name, None), where)
     if data:
         raise UsageError(f"{where}: unknown column '{next(iter(data))}' for a {table.name} row")
     return table, row

@@ -24,7 +24,9 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -36,8 +38,8 @@ from tokenbooth.record import CallRecord, SessionRecord
 __all__ = ["SCHEMA_VERSION", "calls", "connect", "keys", "meta", "metadata", "row_from_record", "session_row",
            "sessions"]
 
-# 1: calls and sessions. 2: client keys, and calls indexed by key and time.
-SCHEMA_VERSION = 2
+# 1: calls and sessions. 2: client keys, and calls indexed by key and time. 3: calls' response_id.
+SCHEMA_VERSION = 3
 _PICO = Decimal("1e12")
 
 
@@ -110,6 +112,8 @@ calls = Table(
     Column("session_id", String(128)),
     Column("tenant", String(128)),
     Column("key_id", String(64)),
+    Column("response_id", String(128),
+           comment="the stored response or batch the call created or read: a background response's rows share it"),
     Index("ix_tokenbooth_calls_started_at", "started_at"),
     Index("ix_tokenbooth_calls_model_time", "model", "started_at"),
     Index("ix_tokenbooth_calls_provider_time", "provider", "started_at"),
@@ -246,7 +250,7 @@ def row_values(rec: CallRecord, sqlite: bool) -> tuple[Any, ...]:
         estimated, mismatch, amount, cost.currency if cost else None, usd, cost.source if cost else None,
         rec.duration_s, rec.ttft_s, rec.attempts, _fit(rec.fallback_path, _LENGTH["fallback_path"]),
         _fit(rec.session_id, _LENGTH["session_id"]), _fit(rec.tenant, _LENGTH["tenant"]),
-        _fit(rec.key_id, _LENGTH["key_id"]),
+        _fit(rec.key_id, _LENGTH["key_id"]), _fit(rec.response_id, _LENGTH["response_id"]),
     )
 
 
@@ -289,6 +293,10 @@ def _migrate(conn: Any, version: int) -> None:
         for index in calls.indexes:
             if index.name == "ix_tokenbooth_calls_key_time":
                 index.create(conn, checkfirst=True)
+    if version < 3 and "response_id" not in {c["name"] for c in inspect(conn).get_columns(calls.name)}:
+        column = calls.c.response_id
+        conn.execute(text(f"ALTER TABLE {calls.name} ADD COLUMN {column.name} "
+                          f"{column.type.compile(dialect=conn.dialect)}"))
     conn.execute(meta.update().where(meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION)))
 
 
