@@ -163,16 +163,26 @@ def _ms(text: str) -> float:
     return {"us": value / 1000, "ms": value, "s": value * 1000, "m": value * 60_000}[unit]
 
 
+UNIQUE = "@N@"  # in a body given to run_wrk: replaced by a counter, so that every request differs
+
+
 def _lua(body: str, headers: Mapping[str, str]) -> str:
     lines = ['wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"']
     lines += [f'wrk.headers["{name}"] = "{value}"' for name, value in headers.items()]
-    lines.append(f"wrk.body = [==[{body}]==]")
+    if UNIQUE in body:
+        run = os.urandom(4).hex()  # wrk's counter starts at 0 in every run: the run's own prefix keeps them apart
+        template = body.replace("%", "%%").replace(UNIQUE, f"{run}-%d")
+        lines += [f"local template = [==[{template}]==]", "local n = 0", "request = function()", "  n = n + 1",
+                  "  return wrk.format(nil, nil, nil, string.format(template, n))", "end"]
+    else:
+        lines.append(f"wrk.body = [==[{body}]==]")
     return "\n".join(lines) + "\n"
 
 
 def run_wrk(url: str, body: str, concurrency: int, duration: float, tmp: Path,
             headers: Mapping[str, str] | None = None) -> dict[str, float]:
-    """POST ``body`` to ``url`` with wrk (one thread, ``concurrency`` keep-alive connections).
+    """POST ``body`` to ``url`` with wrk (one thread, ``concurrency`` keep-alive connections); a body
+    holding ``UNIQUE`` gets a counter there, a different number in every request.
 
     Returns ``rps``, ``requests`` (completed), ``p50`` and ``p99`` in ms (whole response: for a
     stream, until its last byte) and ``errors`` (non-2xx/3xx answers plus socket errors).

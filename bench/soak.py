@@ -251,9 +251,10 @@ def run_soak(duration: float = 120, rate: float = 40, seed: int = 1, workdir: Pa
     """Run one soak and collect its numbers (see the module docstring)."""
     tmp = Path(workdir or tempfile.mkdtemp(prefix="tokenbooth-soak-"))
     faults = "429=0.05,500=0.02,timeout=0.01" + (",absurd=0.01" if hostile else "")
+    sim_log = (tmp / "simulate.log").open("w")  # a pipe nobody reads would block the simulator once full
     sim = subprocess.Popen([*TB, "simulate", "--port", "0", "--seed", str(seed), "--ttft-ms", "20", "--token-ms", "10",
                             "--faults", faults, "--retry-after", "0.2",
-                            "--timeout-s", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            "--timeout-s", "3"], stdout=subprocess.PIPE, stderr=sim_log, text=True)
     assert sim.stdout is not None
     sim_url = re.search(r"http://\S+/v1", sim.stdout.readline()).group(0)  # type: ignore[union-attr]
     config = tmp / "soak.yaml"
@@ -298,6 +299,7 @@ def run_soak(duration: float = 120, rate: float = 40, seed: int = 1, workdir: Pa
         gateway.wait(60)
         sim.send_signal(signal.SIGINT)
         sim.communicate(timeout=10)
+        sim_log.close()
     with sqlite3.connect(db) as conn:
         ledger = dict(conn.execute("SELECT outcome, count(*) FROM tokenbooth_calls GROUP BY outcome").fetchall())
         largest = conn.execute("SELECT max(max(input_tokens, output_tokens)) FROM tokenbooth_calls").fetchone()[0]
@@ -306,6 +308,8 @@ def run_soak(duration: float = 120, rate: float = 40, seed: int = 1, workdir: Pa
                               "tokens_estimated").fetchone()[0]
     unexpected = [line for line in log_path.read_text().splitlines()
                   if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback", line) and not EXPECTED_LOG.search(line)]
+    unexpected += [f"simulator: {line}" for line in (tmp / "simulate.log").read_text().splitlines()
+                   if "Traceback" in line or "Error" in line]
     found: dict[str, float] = {}
     if seen is not None:
         found = {**seen, "absurd_rows": absurd, "max_row_tokens": largest or 0,

@@ -46,10 +46,19 @@ def need(tool: str) -> str:
         pytest.fail(exc.message)
 
 
+# The flag that moves each server's data out of the Debian packages' shared /var/lib/prometheus
+# (a Pushgateway stopped there would leave its groups to every later run on the machine).
+_DATA_FLAGS = {"prometheus": "--storage.tsdb.path=", "prometheus-alertmanager": "--storage.path=",
+               "alertmanager": "--storage.path=", "prometheus-pushgateway": "--persistence.file=",
+               "pushgateway": "--persistence.file="}
+
+
 @contextlib.contextmanager
 def serving(command: list[str], url: str, timeout: float = 20) -> Iterator[str]:
     """Run a real server (Prometheus, Alertmanager, Pushgateway) until its ``/-/ready`` answers;
-    yield its URL; stop it afterwards."""
+    yield its URL; stop it afterwards. Its data must go to the test's temporary directory."""
+    flag = _DATA_FLAGS.get(Path(command[0]).name)
+    assert flag is None or any(arg.startswith(flag) for arg in command), f"{command[0]} needs {flag}TMPDIR"
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout

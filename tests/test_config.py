@@ -26,7 +26,7 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text(YAML)
     s = load_settings(f, environ={})
-    assert (s.host, s.port, s.ledger.url) == ("0.0.0.0", 9000, "sqlite:///from-file.db")
+    assert (s.host, s.port, s.ledger.url) == ("0.0.0.0", 9000, f"sqlite:///{tmp_path / 'from-file.db'}")
     assert s.upstreams[0].base_url == "https://api.openai.com/v1"  # trailing slash trimmed
     env = {"TOKENBOOTH_PORT": "9100", "TOKENBOOTH_DB": "sqlite:///env.db", "TOKENBOOTH_LEDGER__BATCH_SIZE": "50"}
     s = load_settings(f, environ=env)
@@ -112,3 +112,49 @@ def test_a_bad_robot_url_is_refused_without_showing_its_token(tmp_path: Path, ur
     with pytest.raises(ConfigError, match=r"Config 'notify\.slack\.url' has a value that is not usable") as caught:
         load_settings(str(config), {})
     assert "SECRET" not in caught.value.message
+
+
+def test_relative_paths_in_a_config_file_are_read_from_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "c.yaml").write_text("ledger: {url: 'sqlite:///data/l.db', spill_path: spill.jsonl, journal_dir: j}\n"
+                                   "pricing: {price_file: prices.yaml}\n")
+    monkeypatch.chdir(tmp_path)
+    s = load_settings("conf/c.yaml", environ={})
+    assert s.ledger.url == "sqlite:///conf/data/l.db"
+    assert (s.ledger.spill_path, s.ledger.journal_dir, s.pricing.price_file) == (
+        Path("conf/spill.jsonl"), Path("conf/j"), Path("conf/prices.yaml"))
+    absolute = load_settings(folder / "c.yaml", environ={"TOKENBOOTH_PRICE_FILE": "env.yaml"},
+                             overrides={"ledger": {"spill_path": "flag.jsonl"}})
+    assert absolute.ledger.url == f"sqlite:///{folder / 'data/l.db'}"
+    assert (absolute.pricing.price_file, absolute.ledger.spill_path) == (Path("env.yaml"), Path("flag.jsonl"))
+    (folder / "d.yaml").write_text(f"ledger: {{url: 'sqlite:///{tmp_path}/abs.db'}}\n"
+                                   "pricing: {price_file: /etc/prices.yaml}\n")
+    kept = load_settings(folder / "d.yaml", environ={})
+    assert (kept.ledger.url, kept.pricing.price_file) == (f"sqlite:///{tmp_path}/abs.db", Path("/etc/prices.yaml"))
+    (folder / "m.yaml").write_text("ledger: {url: 'sqlite:///:memory:'}\n")
+    assert load_settings(folder / "m.yaml", environ={}).ledger.url == "sqlite:///:memory:"
+
+
+def test_bad_yaml_names_the_file_on_one_line(tmp_path: Path) -> None:
+    f = tmp_path / "broken.yaml"
+    f.write_text("port: [1\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(f, environ={})
+    assert f"in \"{f}\", line 1" in info.value.message and "<unicode string>" not in info.value.message
+    assert "\n" not in info.value.message
+
+
+def test_an_unset_upstream_key_variable_warns_by_name_and_keys_mode_refuses() -> None:
+    upstreams = [{"name": "a", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "TB_A_KEY"},
+                 {"name": "b", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "TB_B_KEY"},
+                 {"name": "c", "base_url": "http://127.0.0.1:9/v1"}]
+    s = load_settings(overrides={"upstreams": upstreams}, environ={})
+    warnings = s.check_upstream_keys({"TB_B_KEY": "sk-b"})
+    assert len(warnings) == 1 and "upstream 'a'" in warnings[0] and "TB_A_KEY" in warnings[0]
+    assert s.check_upstream_keys({"TB_A_KEY": "sk-a", "TB_B_KEY": "sk-b"}) == []
+    keyed = load_settings(overrides={"upstreams": upstreams, "auth": {"mode": "keys"}}, environ={})
+    with pytest.raises(ConfigError, match=r"TB_A_KEY \(upstream 'a'\), TB_B_KEY \(upstream 'b'\)"):
+        keyed.check_upstream_keys({})
+    assert keyed.check_upstream_keys({"TB_A_KEY": "sk-a", "TB_B_KEY": "sk-b"}) == []

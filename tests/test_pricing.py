@@ -173,3 +173,21 @@ def test_an_absurdly_long_served_model_is_priced_as_the_model_asked_for_and_not_
     asked = book.lookup("gpt-4o-mini", provider="openai")
     assert book.lookup("gpt-4o-mini", provider="openai", served_model="gpt-4o-" + "x" * 100_000) == asked
     assert all(len(model) < 1000 for _, model in book._cache)
+
+
+def test_amounts_print_as_plain_digits() -> None:
+    from tokenbooth.pricing import plain
+
+    assert [plain(Decimal(v)) for v in ("0E-12", "-0", "1E-12", "0.7500", "1E+2", "12.5")] == \
+        ["0", "0", "0.000000000001", "0.75", "100", "12.5"]
+    assert plain(Decimal("0.0000000004"), Decimal("1e-9")) == "0"
+
+
+def test_known_providers_are_genai_prices_ids_their_otel_names_and_the_price_files() -> None:
+    from tokenbooth.pricing import Price
+
+    one = Decimal(1)
+    local = Price(model="m", input=one, output=one, cached_input=one, cache_write=one, reasoning=one,
+                  currency="USD", source="price-file", provider="myrelay")
+    known = PriceBook([local]).known_providers()
+    assert {"openai", "anthropic", "deepseek", "aws.bedrock", "myrelay"} <= known and "nosuchprov" not in known

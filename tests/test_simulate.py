@@ -332,3 +332,19 @@ def test_an_absurd_fault_answers_normally_with_usage_no_call_can_have(make_sim: 
     chat = _openai(sim).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     assert chat.choices[0].message.content and chat.usage is not None
     assert chat.usage.prompt_tokens == 10**18
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "o3-mini"])
+def test_reported_output_never_exceeds_max_tokens(make_sim: Callable[..., SimHandle], model: str) -> None:
+    sim = make_sim(output_tokens=(200, 400))  # far above every limit asked for below
+    for limit in (1, 2, 7, 40):
+        chat = httpx.post(f"{sim.url}/chat/completions", json={
+            "model": model, "max_tokens": limit, "messages": [{"role": "user", "content": "hi"}]}).json()
+        assert 1 <= chat["usage"]["completion_tokens"] <= limit, (limit, chat["usage"])
+        message = httpx.post(f"{sim.url}/messages", json={
+            "model": "claude-haiku-4-5", "max_tokens": limit, "messages": [{"role": "user", "content": "hi"}]}).json()
+        assert 1 <= message["usage"]["output_tokens"] <= limit
+    reasoned = httpx.post(f"{sim.url}/chat/completions", json={
+        "model": "o3-mini", "max_completion_tokens": 30, "messages": [{"role": "user", "content": "hi"}]}).json()
+    assert reasoned["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0
+    assert reasoned["usage"]["completion_tokens"] <= 30

@@ -201,8 +201,13 @@ class Recorder:
 
     def finish(self, call: CallState, *, request_id: str, operation: Operation, model: str,
                payload: dict[str, Any], started_at: float, duration: float, streamed: bool,
-               session_id: str | None = None, tenant: str | None = None, key_id: str | None = None) -> CallRecord:
-        """Build the call's record, meter it, and return it. Never raises for a bad estimate."""
+               session_id: str | None = None, tenant: str | None = None, key_id: str | None = None,
+               cache: str | None = None, saved: TokenUsage | None = None) -> CallRecord:
+        """Build the call's record, meter it, and return it. Never raises for a bad estimate.
+
+        ``cache`` is the response cache's result for the call; on a hit, ``saved`` is the usage of
+        the stored answer, priced as the call would be priced now (its saved cost).
+        """
         if call.reported is not None and not call.reported.sane():
             self._reject_usage(call, request_id)
         try:
@@ -216,6 +221,10 @@ class Recorder:
                                                            at=started_at)
         if cost is not None and call.rate is not None:
             cost = batch_cost(cost, call.rate)
+        saved_cost = None
+        if saved is not None:
+            saved_cost = self.prices.cost(target, saved, provider=call.provider, upstream=call.upstream,
+                                          served_model=call.served_model, at=started_at)
         tpot = None
         if call.ttft is not None and call.last_token is not None and usage.output > 1:
             tpot = (call.last_token - call.ttft) / (usage.output - 1)
@@ -243,6 +252,9 @@ class Recorder:
             tenant=tenant,
             key_id=key_id,
             response_id=call.response_id,
+            cache=cache,
+            saved=saved,
+            saved_cost=saved_cost,
         )
         self.meter.record(record)
         return record

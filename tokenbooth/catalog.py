@@ -23,6 +23,8 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 1
 PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 SESSION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 STEP_COUNT_BUCKETS = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89)
+CACHE_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                 0.1)
 REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 TOOL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -78,6 +80,25 @@ CATALOG: tuple[MetricSpec, ...] = (
     _spec("tokenbooth_usage_rejected_total", "counter",
           "Calls whose reported usage was out of any sane range (over 1e9 tokens of a kind): recorded with "
           "a local estimate instead, flagged as estimated.", "provider"),
+    _spec("tokenbooth_cache_requests_total", "counter",
+          "Cacheable calls by the response cache's result: hit (answered from the cache), miss (looked up, "
+          "not found, or the cache failed), bypass (not looked up), store_skipped (not found, and not to be "
+          "stored).", "result"),
+    _spec("tokenbooth_cache_saved_usd_total", "counter",
+          "What cache hits would have cost at the price of the moment, in US dollars (hits themselves cost 0).",
+          "provider model"),
+    _spec("tokenbooth_cache_saved_tokens_total", "counter",
+          "Tokens cache hits did not use, by type (as tokenbooth_tokens_total counts them).", "type"),
+    _spec("tokenbooth_cache_lookup_duration_seconds", "histogram",
+          "Time of one response-cache lookup in Redis, its round trip included (memory lookups are not "
+          "timed: one dict read).", "backend", CACHE_BUCKETS),
+    _spec("tokenbooth_cache_errors_total", "counter",
+          "Response-cache backend commands that failed or timed out, by operation (get, put); a failed "
+          "get makes the call a miss.", "operation"),
+    _spec("tokenbooth_cache_entries", "gauge", "Answers held by this process's memory cache (updated at most once "
+          "a second)."),
+    _spec("tokenbooth_cache_bytes", "gauge", "Bytes held by this process's memory cache (cache.max_bytes bounds it; "
+          "updated at most once a second)."),
     _spec("tokenbooth_ledger_rows_total", "counter",
           "Ledger rows by result: written, or failed (kept for retry or spilled to a file).", "result"),
     _spec("tokenbooth_ledger_queue_depth", "gauge", "Ledger rows waiting to be written."),
@@ -178,6 +199,13 @@ class Metrics:
         self.redis_errors: Counter = made["redis_errors"]  # type: ignore[assignment]
         self.redis_duration: Histogram = made["redis_duration_seconds"]  # type: ignore[assignment]
         self.fast_overshoot: Counter = made["admission_overshoot"]  # type: ignore[assignment]
+        self.cache_requests: Counter = made["cache_requests"]  # type: ignore[assignment]
+        self.cache_saved_usd: Counter = made["cache_saved_usd"]  # type: ignore[assignment]
+        self.cache_saved_tokens: Counter = made["cache_saved_tokens"]  # type: ignore[assignment]
+        self.cache_lookup_duration: Histogram = made["cache_lookup_duration_seconds"]  # type: ignore[assignment]
+        self.cache_errors: Counter = made["cache_errors"]  # type: ignore[assignment]
+        self.cache_entries: Gauge = made["cache_entries"]  # type: ignore[assignment]
+        self.cache_bytes: Gauge = made["cache_bytes"]  # type: ignore[assignment]
         self.calls_recorded = 0  # how many calls the meters have recorded here (for push batching)
 
 
@@ -237,7 +265,9 @@ def render_markdown() -> str:
         "- `tenant`: on budgets, the tenants configured with budgets. With `metrics.tenant_labels: true`,",
         "  requests, tokens and cost carry it too: the first `metrics.max_tenants` tenants seen keep their",
         "  name (configured ones first), the rest are `other`, and calls without a tenant have `\"\"`.",
-        "- `type` (tokens): input, output, cached_input, cache_write, reasoning.",
+        "- `type` (tokens, and tokens saved by the cache): input, output, cached_input, cache_write, reasoning.",
+        "- `result` (cache requests): hit, miss, bypass, store_skipped. `backend` (cache lookups): memory, redis.",
+        "  `operation` (cache errors): get, put.",
         "- `model`: the model the caller asked for when it is configured or known to the price data;",
         "  anything else is folded to `other`, so a typo never creates a series.",
         "",

@@ -37,10 +37,14 @@ def _redis_where(url: str) -> str:
 
 
 def _date(value: str) -> dt.date:
+    today = dt.datetime.now(dt.UTC).date()
+    named = {"today": today, "yesterday": today - dt.timedelta(days=1)}
+    if value in named:
+        return named[value]
     try:
         return dt.date.fromisoformat(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a date; use YYYY-MM-DD") from None
+        raise argparse.ArgumentTypeError(f"{value!r} is not a date; use YYYY-MM-DD, today or yesterday") from None
 
 
 def _parser() -> _Parser:
@@ -61,15 +65,17 @@ def _parser() -> _Parser:
     s.add_argument("--workers", type=int, help="gateway processes sharing the port (default 1)")
 
     m = sub.add_parser("simulate", help="run a simulated OpenAI-compatible upstream")
-    m.add_argument("--host", default="127.0.0.1")
-    m.add_argument("--port", type=int, default=8000)
-    m.add_argument("--ttft-ms", type=float, default=0.0, help="median time to first token")
-    m.add_argument("--token-ms", type=float, default=0.0, help="median time per output token")
-    m.add_argument("--jitter", type=float, default=0.0, help="log-normal sigma applied to delays")
-    m.add_argument("--faults", default="", help="fault rates, e.g. 429=0.05,500=0.02,timeout=0.01")
-    m.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds on simulated 429s")
-    m.add_argument("--timeout-s", type=float, default=30.0, help="how long a timeout fault stalls")
-    m.add_argument("--seed", type=int)
+    m.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    m.add_argument("--port", type=int, default=8000, help="port to listen on, 0 for any free one (default 8000)")
+    m.add_argument("--ttft-ms", type=float, default=0.0, help="median time to first token, ms (default 0)")
+    m.add_argument("--token-ms", type=float, default=0.0, help="median time per output token, ms (default 0)")
+    m.add_argument("--jitter", type=float, default=0.0, help="log-normal sigma applied to delays (default 0)")
+    m.add_argument("--faults", default="",
+                   help="fault rates, e.g. 429=0.05,500=0.02,timeout=0.01 (default none)")
+    m.add_argument("--retry-after", type=float, default=1.0,
+                   help="Retry-After seconds on simulated 429s (default 1)")
+    m.add_argument("--timeout-s", type=float, default=30.0, help="how long a timeout fault stalls, s (default 30)")
+    m.add_argument("--seed", type=int, help="random seed, for the same run twice (default: a new one each run)")
 
     d = sub.add_parser("demo", help="gateway + simulated upstream + traffic, on an embedded SQLite ledger")
     d.add_argument("--duration", type=float, default=60.0, help="seconds to run (Ctrl-C ends it sooner)")
@@ -83,8 +89,8 @@ def _parser() -> _Parser:
     from tokenbooth.ledger.report import GROUPS
 
     r.add_argument("--by", choices=GROUPS, default="model")
-    r.add_argument("--since", type=_date, help="first UTC day to include (YYYY-MM-DD)")
-    r.add_argument("--until", type=_date, help="first UTC day to leave out (YYYY-MM-DD)")
+    r.add_argument("--since", type=_date, help="first UTC day to include (YYYY-MM-DD, today, yesterday)")
+    r.add_argument("--until", type=_date, help="first UTC day to leave out (YYYY-MM-DD, today, yesterday)")
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
     lg = sub.add_parser("ledger", help="ledger maintenance")
@@ -103,6 +109,7 @@ def _parser() -> _Parser:
     pr.add_argument("--config", "-c", help="YAML config file, for its price file and FX rates")
     _stack_parser(sub)
     _keys_parser(sub)
+    _doctor_parser(sub)
     b = sub.add_parser("budgets", help="each budget's limit, spent, reserved, remaining and reset time")
     b.add_argument("--config", "-c", help="YAML config file: its tenants' budgets, ledger and Redis")
     b.add_argument("--db", help="ledger database URL (default: the config's)")
@@ -144,6 +151,22 @@ def _keys_parser(sub: Any) -> None:
     r = verbs.add_parser("revoke", help="revoke a key by its id or prefix (every gateway stops taking it within 5 s)")
     r.add_argument("key", metavar="ID_OR_PREFIX")
     where(r)
+
+
+def _doctor_parser(sub: Any) -> None:
+    dr = sub.add_parser("doctor", help="check the config, ledger, gateway and monitoring stack; say what to fix")
+    dr.add_argument("--config", "-c", help="YAML config file (or TOKENBOOTH_CONFIG): its upstreams, ledger, Redis")
+    dr.add_argument("--db", help="ledger database URL (default: the config's, when --config is given)")
+    dr.add_argument("--gateway", help="gateway base URL (default: the config's host and port, when --config is given)")
+    dr.add_argument("--prometheus", help="Prometheus base URL, e.g. http://127.0.0.1:9090")
+    dr.add_argument("--pushgateway", help="Pushgateway base URL, e.g. http://127.0.0.1:9091")
+    dr.add_argument("--alertmanager", help="Alertmanager base URL, e.g. http://127.0.0.1:9093")
+    dr.add_argument("--stack", type=Path, metavar="DIR",
+                    help="a stack directory: the URLs its `stack up` uses, else the compose ports on localhost")
+    dr.add_argument("--json", action="store_true", help="print the findings as JSON (docs/doctor.md)")
+    dr.add_argument("--strict", action="store_true", help="exit 1 on a warning too")
+    dr.add_argument("--skip", nargs="+", action="extend", default=[], metavar="ID",
+                    help="leave out these checks, by id or prefix (e.g. upstreams, prometheus.windows)")
 
 
 def _stack_parser(sub: Any) -> None:
@@ -188,29 +211,53 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def _serve(args: argparse.Namespace) -> None:
     from tokenbooth.gateway.app import build_gateway
-    from tokenbooth.gateway.server import GatewayServer, report_lost_rows, run_workers, uvicorn_config
-    from tokenbooth.ledger.schema import connect, safe_url
+    from tokenbooth.gateway.server import GatewayServer, bind_socket, report_lost_rows, run_workers, uvicorn_config
+    from tokenbooth.ledger.schema import connect, engine_for, safe_url
 
     settings = _settings(args)
     if not settings.upstreams:
         raise ConfigError("No upstreams configured: pass --upstream URL, or a config file with 'upstreams'.")
-    settings.check_exposure()  # before anything is printed or created
+    # Everything that can refuse comes before anything is printed or created: the settings, the
+    # upstreams' proxies, the price file, the ledger's URL, the port; the banner comes once the
+    # gateway listens.
+    settings.check_exposure()
     settings.check_shared_state()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    report_lost_rows(settings)
+    unset_keys = settings.check_upstream_keys()
     ups = ", ".join(f"{u.name} ({u.provider}) {u.base_url}{_via(u.proxy_url())}" for u in settings.upstreams)
+    if settings.pricing.price_file:
+        from tokenbooth.pricing import load_price_file
+
+        load_price_file(settings.pricing.price_file, settings.pricing.fx)
+    if settings.ledger.enabled:
+        engine_for(settings.ledger.url).dispose()  # a URL no driver serves; creates nothing
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise ConfigError(f"Cannot listen on {settings.host}:{settings.port}: {reason}") from None
+    port = sock.getsockname()[1]  # the one chosen, for --port 0
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for warning in unset_keys:
+        print(f"tokenbooth: warning: {warning}", file=sys.stderr, flush=True)
+    report_lost_rows(settings)
     workers = f" on {settings.workers} workers" if settings.workers > 1 else ""
-    print(f"tokenbooth gateway on http://{settings.host}:{settings.port}/v1{workers} -> {ups}", flush=True)
-    print(f"  ledger {safe_url(settings.ledger.url) if settings.ledger.enabled else 'off'}; "
-          f"metrics http://{settings.host}:{settings.port}/metrics; auth {settings.auth_mode}"
-          + (f"; budgets and limits in Redis {_redis_where(settings.redis.url)}" if settings.redis.url and
-             settings.auth_mode == "keys" else ""), flush=True)
+
+    def banner() -> None:
+        print(f"tokenbooth gateway on http://{settings.host}:{port}/v1{workers} -> {ups}", flush=True)
+        print(f"  ledger {safe_url(settings.ledger.url) if settings.ledger.enabled else 'off'}; "
+              f"metrics http://{settings.host}:{port}/metrics; auth {settings.auth_mode}"
+              + (f"; budgets and limits in Redis {_redis_where(settings.redis.url)}" if settings.redis.url and
+                 settings.auth_mode == "keys" else ""), flush=True)
+
     if settings.workers > 1:
         if settings.ledger.enabled:
             connect(settings.ledger.url).dispose()  # create the schema once, before the workers race to
-        run_workers(settings)
+        sock.listen(2048)
+        banner()
+        run_workers(settings, sock)
         return
-    GatewayServer(uvicorn_config(build_gateway(settings), settings)).run()
+    gateway = build_gateway(settings)
+    GatewayServer(uvicorn_config(gateway, settings), on_started=banner).run(sockets=[sock])
 
 
 def _simulate(args: argparse.Namespace) -> None:
@@ -283,6 +330,9 @@ def _report(args: argparse.Namespace) -> None:
 def _ledger(args: argparse.Namespace) -> None:
     from tokenbooth.ledger.replay import replay
 
+    if not args.file.is_file():  # the file first: it is what the user named
+        raise UsageError(f"No spill file at '{args.file}'" + (": it is a directory" if args.file.exists() else "")
+                         + "; the gateway writes it at ledger.spill_path (tokenbooth-ledger-spill.jsonl by default)")
     engine = _existing_ledger(args)
     try:
         result = replay(engine, args.file)
@@ -304,6 +354,9 @@ def _prices(args: argparse.Namespace) -> None:
     fx = settings.pricing.fx
     local = load_price_file(settings.pricing.price_file, fx) if settings.pricing.price_file else []
     book = PriceBook(local, fx)
+    known = book.known_providers() | {u.provider for u in settings.upstreams}
+    if args.provider and args.provider not in known:
+        raise UsageError(f"Unknown provider '{args.provider}'; known: {', '.join(sorted(known))}")
     price = book.lookup(args.model, provider=args.provider, upstream=args.for_upstream)
     if price is None:
         raise ConfigError(
@@ -438,9 +491,45 @@ def _budgets(args: argparse.Namespace) -> None:
     sys.stdout.write(render_budgets(rows, args.format))
 
 
+def _doctor(args: argparse.Namespace) -> None:
+    import os
+
+    from tokenbooth.doctor import Context, DoctorFailed, render_json, render_text, run_checks
+    from tokenbooth.stack.up import stack_urls
+
+    config_file = args.config or os.environ.get("TOKENBOOTH_CONFIG")
+    settings, problem = None, ""
+    try:
+        settings = _settings(argparse.Namespace(config=args.config, db=args.db))
+    except ConfigError as exc:
+        problem = exc.message
+    urls = stack_urls(args.stack) if args.stack else {}
+    if settings is not None and config_file and "gateway" not in urls:
+        urls["gateway"] = f"{settings.host}:{settings.port}"
+    for name in ("gateway", "prometheus", "pushgateway", "alertmanager"):
+        if getattr(args, name):
+            urls[name] = getattr(args, name)
+    urls = {k: (v if "://" in v else f"http://{v}").rstrip("/") for k, v in urls.items()}
+    ledger = args.db or (settings.ledger.url if settings is not None and config_file and settings.ledger.enabled
+                         else None)
+    ctx = Context(settings=settings, config_error=problem, config_file=config_file, ledger_url=ledger,
+                  gateway=urls.get("gateway"), prometheus=urls.get("prometheus"),
+                  pushgateway=urls.get("pushgateway"), alertmanager=urls.get("alertmanager"))
+    report = run_checks(ctx, args.skip)
+    if args.json:
+        sys.stdout.write(render_json(report, strict=args.strict))
+    else:
+        colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        sys.stdout.write(render_text(report, colour=colour))
+    sys.stdout.flush()
+    if report.failed(args.strict):
+        bad = [f.id for f in report.findings if f.status == "fail" or (args.strict and f.status == "warn")]
+        raise DoctorFailed(f"{len(bad)} check(s) need attention: {', '.join(bad)}")
+
+
 _COMMANDS = {"serve": _serve, "keys": _keys, "budgets": _budgets,
              "simulate": _simulate, "demo": _demo, "report": _report, "ledger": _ledger,
-             "prices": _prices, "stack": _stack}
+             "prices": _prices, "stack": _stack, "doctor": _doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

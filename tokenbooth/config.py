@@ -25,10 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tokenbooth.errors import ConfigError
 
-__all__ = ["AuthConfig", "BudgetConfig", "BudgetsConfig", "CircuitConfig", "LedgerConfig", "LimitsConfig",
-           "NotifyConfig", "PassthroughConfig", "PricingConfig", "RedisConfig", "RequestLimitsConfig", "RetryConfig",
-           "RobotConfig", "RouteTarget", "Settings", "StackConfig", "TenantConfig", "TokensConfig", "UpstreamConfig",
-           "load_settings"]
+__all__ = ["AuthConfig", "BudgetConfig", "BudgetsConfig", "CacheConfig", "CircuitConfig", "LedgerConfig",
+           "LimitsConfig", "NotifyConfig", "PassthroughConfig", "PricingConfig", "RedisConfig", "RequestLimitsConfig",
+           "RetryConfig", "RobotConfig", "RouteTarget", "Settings", "StackConfig", "TenantConfig", "TokensConfig",
+           "UpstreamConfig", "load_settings"]
 
 ENV_PREFIX = "TOKENBOOTH_"
 
@@ -379,6 +379,26 @@ class RedisConfig(_Model):
         return v
 
 
+class CacheConfig(_Model):
+    """The response cache: exact-match answers, replayed without calling the upstream."""
+
+    enabled: bool = False
+    # redis: shared by every replica and worker (the default when redis.url is set); memory: this process
+    backend: Literal["memory", "redis"] | None = None
+    ttl: float = Field(3600.0, gt=0)  # seconds an answer is kept
+    max_ttl: float = Field(86400.0, gt=0)  # seconds a request's x-tokenbooth-cache-ttl may ask for, at most
+    max_entry_bytes: int = Field(1024 * 1024, ge=1024)  # an answer (a stream's events together) kept only below it
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)  # the memory backend's bound, per process
+    # whose answers a call may get: its tenant's, its key's, or everyone's (an explicit opt-in)
+    scope: Literal["tenant", "key", "global"] = "tenant"
+    # Calls that ask for a fresh sample (temperature above 0, or unset: the APIs default to 1, with no
+    # seed; or n > 1) are neither looked up nor stored unless this is true.
+    sampled: bool = False
+    timeout: float = Field(0.05, gt=0, le=5)  # seconds a lookup may wait for Redis before the call is a miss
+    tenants: dict[str, bool] = Field(default_factory=dict)  # a tenant's calls cached or not (default: cached)
+    keys: dict[str, bool] = Field(default_factory=dict)  # by key id; wins over the key's tenant
+
+
 class RobotConfig(_Model):
     """One chat robot the Alertmanager webhook adapter posts to (``/alertmanager/webhook/{kind}``)."""
 
@@ -504,6 +524,7 @@ class Settings(_Model):
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
     budgets: BudgetsConfig = BudgetsConfig()
     redis: RedisConfig = RedisConfig()
+    cache: CacheConfig = CacheConfig()
     passthrough: PassthroughConfig = PassthroughConfig()
     limits: RequestLimitsConfig = RequestLimitsConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -550,6 +571,19 @@ class Settings(_Model):
                 "anyone who reaches it. Set auth.mode: keys (clients need a tokenbooth key; see 'tokenbooth keys "
                 "create'), or auth.mode: open to allow it on purpose (TOKENBOOTH_AUTH__MODE=open)."
             )
+
+    def check_upstream_keys(self, environ: Mapping[str, str] | None = None) -> list[str]:
+        """Each upstream whose ``api_key_env`` names an unset variable, as a warning: the client's own
+        ``Authorization`` would be forwarded in its place. In keys mode that is refused: the client's
+        header holds its tokenbooth key, and the upstream would get no key of its own."""
+        env = os.environ if environ is None else environ
+        unset = [(u.name, u.api_key_env) for u in self.upstreams if u.api_key_env and not env.get(u.api_key_env)]
+        if unset and self.auth_mode == "keys":
+            raise ConfigError("auth.mode is keys and the upstream key variable(s) "
+                              + ", ".join(f"{var} (upstream '{name}')" for name, var in unset)
+                              + " are not set: set them, or remove api_key_env from those upstreams.")
+        return [f"upstream '{name}' has api_key_env {var}, which is not set: the client's own Authorization "
+                "header is sent to it instead" for name, var in unset]
 
     def check_shared_state(self) -> None:
         """Budgets and rate limits held in process are per worker: several workers need Redis."""
@@ -600,20 +634,42 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong, and where (the file, line and column)."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as stream:  # a stream, so YAML's errors name the file
+            data = yaml.safe_load(stream)
     except OSError as exc:
         raise ConfigError(f"Config file '{path}' cannot be read: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from exc
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {yaml_problem(exc)}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"Config file '{path}' must hold a mapping at the top level")
     return data
+
+
+def _anchored(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A config file's relative paths (price file, spill file, journal, an SQLite URL's file) made
+    relative to the file's folder, not the working directory; paths from flags and the environment
+    stay relative to the working directory."""
+
+    def at(value: Any) -> Any:
+        return str(folder / value) if isinstance(value, str) and value and not Path(value).is_absolute() else value
+
+    out = dict(data)
+    for section, keys in (("ledger", ("spill_path", "journal_dir")), ("pricing", ("price_file",))):
+        if isinstance(out.get(section), dict):
+            out[section] = {**out[section], **{k: at(v) for k, v in out[section].items() if k in keys}}
+    url = out.get("ledger", {}).get("url") if isinstance(out.get("ledger"), dict) else None
+    if isinstance(url, str) and url.startswith("sqlite:///") and url.removeprefix("sqlite:///") not in ("", ":memory:"):
+        out["ledger"] = {**out["ledger"], "url": "sqlite:///" + at(url.removeprefix("sqlite:///"))}
+    return out
 
 
 def _describe(errors: ValidationError, data: Mapping[str, Any]) -> str:
@@ -658,7 +714,7 @@ def load_settings(
     """
     env = os.environ if environ is None else environ
     path = config_file or env.get(ENV_PREFIX + "CONFIG")
-    data: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+    data: dict[str, Any] = _anchored(_read_yaml(Path(path)), Path(path).parent) if path else {}
     data = _merge(data, _env_overrides(env))
     if overrides:
         data = _merge(data, {k: v for k, v in overrides.items() if v is not None})

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import shlex
+import shutil
 import signal
+import sys
 import time
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -58,11 +63,34 @@ async def _client(base: str, session: aiohttp.ClientSession, stop: asyncio.Event
             await asyncio.wait_for(stop.wait(), rng.uniform(0.05, 0.4))
 
 
+_FAULTS = {"429": 0.03, "500": 0.02, "timeout": 0.01, "malformed": 0.005}
+_FAULT_NAMES = {"429": "get 429 with Retry-After", "500": "get 500", "timeout": "stall past the read timeout",
+                "malformed": "get a malformed answer"}
+
+
+def _faults_line(faults: dict[str, float]) -> str:
+    parts = [f"{rate * 100:g} % {_FAULT_NAMES[kind]}" for kind, rate in faults.items()]
+    return "  faults    " + ", ".join(parts) + " (before retries): the errors you see are on purpose"
+
+
+def self_command() -> str:
+    """How to run ``tokenbooth`` again from this shell, as typed: the bare name when it is on the
+    PATH, else the path of the script that is running (``.venv/bin/tokenbooth`` after ``make demo``)."""
+    script = Path(sys.argv[0])
+    on_path = shutil.which("tokenbooth")
+    if on_path and (script.name != "tokenbooth" or Path(on_path).resolve() == script.resolve()):
+        return "tokenbooth"
+    if script.name == "tokenbooth" and script.is_file():
+        relative = os.path.relpath(script.resolve())
+        return shlex.quote(relative if not relative.startswith("..") else str(script.resolve()))
+    return f"{shlex.quote(sys.executable)} -m tokenbooth.cli"
+
+
 async def run_demo(duration: float = 60.0, port: int = 8080, db: str = "sqlite:///tokenbooth-demo.db",
                    concurrency: int = 4) -> None:
     """Run simulator, gateway and traffic for ``duration`` seconds or until Ctrl-C, then report."""
     sim = Simulator(SimConfig(ttft_ms=120, token_ms=6, jitter=0.5, output_tokens=(16, 96),
-                              faults={"429": 0.03, "500": 0.02, "timeout": 0.01, "malformed": 0.005},
+                              faults=_FAULTS,
                               timeout_s=4.0, seed=7))
     sim_port = await sim.start()
     upstream = f"http://127.0.0.1:{sim_port}/v1"
@@ -94,10 +122,12 @@ async def run_demo(duration: float = 60.0, port: int = 8080, db: str = "sqlite:/
             return
         await asyncio.sleep(0.02)
 
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"  # the port chosen, for --port 0
     print(f"tokenbooth demo: gateway {base}/v1 -> simulated upstream {upstream}")
     print(f"  metrics   {base}/metrics")
-    print(f"  ledger    {db}   (tokenbooth report --db {db})")
+    tb = self_command()
+    print(f"  ledger    {db}   ({tb} report --db {shlex.quote(db)})")
+    print(_faults_line(_FAULTS))
     print(f"  running for {duration:.0f} s with {concurrency} clients; Ctrl-C to stop sooner\n", flush=True)
 
     stop = asyncio.Event()
@@ -133,4 +163,4 @@ async def run_demo(duration: float = 60.0, port: int = 8080, db: str = "sqlite:/
         print(render(report(engine, "model"), "table", "model"), end="")
     finally:
         engine.dispose()
-    print(f"\nThe ledger stays in {db}; try: tokenbooth report --db {db} --by provider --format csv")
+    print(f"\nThe ledger stays in {db}; try: {tb} report --db {shlex.quote(db)} --by provider --format csv")

@@ -154,3 +154,23 @@ class Meter:
                 tpot.observe(rec.tpot_s)
         if rec.tokens_mismatch:
             self._mismatch(rec.provider, model).inc()
+        if rec.cache is not None:
+            self._cache(rec, model)
+
+    def _cache(self, rec: CallRecord, model: str) -> None:
+        m = self.metrics
+        assert rec.cache is not None
+        key = ("cache", rec.cache)
+        result = self._children.get(key)
+        if result is None:
+            result = self._children[key] = m.cache_requests.labels(rec.cache)
+        result.inc()
+        if rec.saved is None:
+            return
+        if rec.saved_cost is not None and rec.saved_cost.usd:
+            m.cache_saved_usd.labels(rec.provider, model).inc(float(rec.saved_cost.usd))
+        s = rec.saved
+        for kind, n in (("input", s.input), ("output", s.output), ("cached_input", s.cached_input),
+                        ("cache_write", s.cache_write), ("reasoning", s.reasoning)):
+            if n:
+                m.cache_saved_tokens.labels(kind).inc(n)

@@ -29,10 +29,23 @@ from tokenbooth.errors import ConfigError
 from tokenbooth.memo import remember
 from tokenbooth.record import Cost, TokenUsage
 
-__all__ = ["Price", "PriceBook", "batch_cost", "cost_of", "load_price_file"]
+__all__ = ["Price", "PriceBook", "batch_cost", "cost_of", "load_price_file", "plain"]
 
 MILLION = Decimal(1_000_000)
 ZERO = Decimal(0)
+
+
+def plain(amount: Decimal, quantum: Decimal | None = None) -> str:
+    """An amount as plain digits, as people and spreadsheets read it: never ``0E-12`` or ``1E+1``,
+    no trailing zeros, no ``-0``; rounded to ``quantum`` first when given.
+
+    >>> plain(Decimal("0E-12")), plain(Decimal("1E-12")), plain(Decimal("0.750000")), plain(Decimal("1E+1"))
+    ('0', '0.000000000001', '0.75', '10')
+    """
+    if quantum is not None:
+        amount = amount.quantize(quantum)
+    text = f"{amount.normalize():f}"
+    return "0" if text in ("-0", "0") else text
 
 # OpenTelemetry provider names that genai-prices knows under another id.
 _GENAI_PROVIDER_IDS = {
@@ -184,11 +197,14 @@ def load_price_file(path: str | Path, currencies: Iterable[str] = ("USD", "CNY")
     """
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        with p.open(encoding="utf-8") as stream:  # a stream, so YAML's errors name the file
+            data = yaml.safe_load(stream) or {}
     except OSError as exc:
         raise ConfigError(f"Price file '{p}' cannot be read: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"Price file '{p}' is not valid YAML: {exc}") from exc
+        from tokenbooth.config import yaml_problem
+
+        raise ConfigError(f"Price file '{p}' is not valid YAML: {yaml_problem(exc)}") from exc
     entries = data.get("models") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise ConfigError(f"Price file '{p}' must have a 'models' list")
@@ -265,6 +281,16 @@ class PriceBook:
     @property
     def local_models(self) -> set[str]:
         return set(self._local)
+
+    def known_providers(self) -> set[str]:
+        """The provider names a price can be found under: genai-prices' ids, the OpenTelemetry names
+        mapped to them, and those the price file names."""
+        known = {p.provider for prices in self._local.values() for p in prices if p.provider}
+        if self._use_genai:
+            from genai_prices import data_snapshot
+
+            known |= {p.id for p in data_snapshot.get_snapshot().providers} | set(_GENAI_PROVIDER_IDS)
+        return known
 
     def warm(self) -> None:
         """Load genai-prices' data now (~100 ms) rather than on the first priced call."""

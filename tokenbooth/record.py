@@ -112,6 +112,11 @@ class CallRecord:
     # the upstream's id of the stored response or batch the call created or read (resp_..., batch_...):
     # a background response's create, its polls and resumed streams share it
     response_id: str | None = None
+    # the response cache's part in the call (hit, miss, bypass, store_skipped); None: no cache
+    cache: str | None = None
+    # a hit: the usage its stored answer had, and what that would cost today (the hit itself costs 0)
+    saved: TokenUsage | None = None
+    saved_cost: Cost | None = None
 
 
 @dataclass(frozen=True, slots=True)

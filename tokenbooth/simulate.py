@@ -153,6 +153,8 @@ async def _refusals(request: web.Request, handler: Handler) -> web.StreamRespons
         return await handler(request)
     except _Refusal as exc:
         return exc.response()
+    except ConnectionResetError:  # the client hung up (counted where it was seen): nobody to answer
+        return web.Response(status=499)
 
 
 class _Kept:
@@ -237,6 +239,18 @@ class _Batch:
 class _Upload:
     meta: dict[str, Any]  # the file object
     content: bytes  # at most KEPT_FILE_BYTES of it
+
+
+def _output_limit(payload: dict[str, Any]) -> int | None:
+    """The most output tokens the request allows, when it sets a limit."""
+    limit = next((payload[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")
+                  if payload.get(k)), None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def _reasoning(model: str) -> bool:
+    """An o-series model, which bills hidden reasoning tokens as output."""
+    return model[:1] == "o" and model[1:2].isdigit()
 
 
 class Simulator:
@@ -413,12 +427,11 @@ class Simulator:
         if isinstance(fixed, dict):
             n = fixed.get("completion_tokens", fixed.get("output_tokens"))
         if not isinstance(n, int) or n < 1:
-            limit = next((payload[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")
-                          if payload.get(k)), None)
+            limit = _output_limit(payload)
             lo, hi = self.config.output_tokens
             n = self.rng.randint(lo, hi)
-            if isinstance(limit, int) and limit > 0:
-                n = min(n, limit)
+            if limit is not None:  # a reasoning model's hidden tokens (half the visible ones) count too
+                n = min(n, max(1, limit * 2 // 3 if _reasoning(str(payload.get("model", ""))) else limit))
         return [("" if i == 0 else " ") + _WORDS[i % len(_WORDS)] for i in range(min(n, MAX_OUTPUT_WORDS))]
 
     def _usage(self, payload: dict[str, Any], action: dict[str, Any], model: str, text: str,
@@ -430,12 +443,16 @@ class Simulator:
         if isinstance(fixed, dict):
             return fixed
         prompt = self.estimator.prompt(model, payload) if action.get("fault") != "absurd" else ABSURD_TOKENS
+        limit = _output_limit(payload)
         visible = self.estimator.count(model, text)
+        visible = min(visible, limit) if limit is not None else visible  # a real API stops at max_tokens
         cached = (prompt // 2) // 128 * 128 if prompt >= 1024 else 0
         if api == "anthropic":
             return {"input_tokens": prompt - cached, "cache_creation_input_tokens": 0,
                     "cache_read_input_tokens": cached, "output_tokens": visible}
-        reasoning = visible // 2 if model[:1] == "o" and model[1:2].isdigit() else 0  # hidden, billed as output
+        reasoning = visible // 2 if _reasoning(model) else 0  # hidden, billed as output
+        if limit is not None:
+            reasoning = min(reasoning, limit - visible)
         usage = {"prompt_tokens": prompt, "completion_tokens": visible + reasoning,
                  "total_tokens": prompt + visible + reasoning,
                  "prompt_tokens_details": {"cached_tokens": cached},

@@ -91,23 +91,34 @@ def test_an_old_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     assert "ix_tokenbooth_calls_key_time" in {i["name"] for i in inspector.get_indexes("tokenbooth_calls")}
     with upgraded.connect() as conn:
         version = conn.execute(sa.text("SELECT value FROM tokenbooth_meta WHERE key = 'schema_version'")).scalar()
-    assert version == str(SCHEMA_VERSION) == "3"
+    assert version == str(SCHEMA_VERSION) == "4"
 
 
-def test_a_ledger_of_schema_2_gains_the_response_id_column_and_keeps_its_rows(tmp_path: Path) -> None:
-    path = tmp_path / "v2.db"
-    engine = connect(f"sqlite:///{path}")
-    with engine.begin() as conn:  # back to schema 2: calls without response_id, one row in it
-        conn.execute(sa.text("ALTER TABLE tokenbooth_calls DROP COLUMN response_id"))
-        conn.execute(sa.text("UPDATE tokenbooth_meta SET value = '2' WHERE key = 'schema_version'"))
+# the columns each schema version added to the calls table
+_ADDED = {3: ("response_id",), 4: ("cache", "saved_cost_usd")}
+
+
+@pytest.mark.parametrize(("old", "database"), [(2, "sqlite"), (3, "sqlite"), (3, "postgresql")])
+def test_a_ledger_of_an_older_schema_gains_the_columns_added_since_and_keeps_its_rows(
+        tmp_path: Path, request: pytest.FixtureRequest, old: int, database: str) -> None:
+    url = f"sqlite:///{tmp_path / f'v{old}.db'}" if database == "sqlite" else request.getfixturevalue("pg_url")
+    engine = connect(url)
+    added = [name for version, names in _ADDED.items() if version > old for name in names]
+    with engine.begin() as conn:  # back to the old schema: calls without the later columns, one row in it
+        for name in added:
+            conn.execute(sa.text(f"ALTER TABLE tokenbooth_calls DROP COLUMN {name}"))
+        conn.execute(sa.text(f"UPDATE tokenbooth_meta SET value = '{old}' WHERE key = 'schema_version'"))
         conn.execute(sa.text("INSERT INTO tokenbooth_calls (request_id, started_at, provider, upstream, model, "
                              "operation, streamed, outcome, error_type, input_tokens, output_tokens, "
                              "cached_input_tokens, cache_write_tokens, reasoning_tokens, tokens_estimated, "
                              "tokens_mismatch, duration_s, attempts) VALUES ('old', '2026-11-30 10:00:00.000000', "
-                             "'openai', 'openai', 'gpt-4o', 'chat', 0, 'success', '', 5, 7, 0, 0, 0, 0, 0, 0.5, 1)"))
+                             "'openai', 'openai', 'gpt-4o', 'chat', false, 'success', '', 5, 7, 0, 0, 0, false, "
+                             "false, 0.5, 1)"))
     engine.dispose()
-    upgraded = connect(f"sqlite:///{path}")
+    upgraded = connect(url)
     with upgraded.connect() as conn:
-        row = conn.execute(sa.text("SELECT request_id, output_tokens, response_id FROM tokenbooth_calls")).one()
+        row = conn.execute(sa.text(f"SELECT request_id, output_tokens, {', '.join(added)} FROM tokenbooth_calls")).one()
         version = conn.execute(sa.text("SELECT value FROM tokenbooth_meta WHERE key = 'schema_version'")).scalar()
-    assert tuple(row) == ("old", 7, None) and version == "3"
+    upgraded.dispose()
+    assert tuple(row) == ("old", 7, *[None] * len(added)) and version == str(SCHEMA_VERSION)
+    assert max(_ADDED) == SCHEMA_VERSION  # a new version adds its columns to _ADDED

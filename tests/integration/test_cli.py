@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -138,6 +140,10 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         (["report", "--db", "sqlite:////nonexistent/ledger.db"], "No ledger at"),
         (["report", "--by", "colour"], "invalid choice"),
         (["prices", "no-such-model-zz"], "No price known for model 'no-such-model-zz'"),
+        (["prices", "gpt-4o", "--provider", "nosuchprov"], "Unknown provider 'nosuchprov'; known: "),
+        (["ledger", "replay", "/nonexistent/spill.jsonl", "--db", "bogus://x"],
+         "No spill file at '/nonexistent/spill.jsonl'"),
+        (["report", "--since", "last-week"], "'last-week' is not a date; use YYYY-MM-DD, today or yesterday"),
         (["simulate", "--faults", "418x=0.1"], "unknown fault kind"),
         (["frobnicate"], "invalid choice"),
     ],
@@ -162,14 +168,95 @@ def test_prices_shows_the_price_and_its_source(tmp_path: Path) -> None:
     assert "price file" in out.stdout and "CNY" in out.stdout and "8 per 1M" in out.stdout
 
 
+def _without_the_venv_on_path() -> dict[str, str]:
+    """The environment of a shell that has not activated the virtualenv (as after ``make demo``)."""
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("TOKENBOOTH_")}, "PATH": path}
+
+
 def test_demo_runs_and_reports(tmp_path: Path) -> None:
-    db = f"sqlite:///{tmp_path / 'demo.db'}"
-    out = subprocess.run([*TB, "demo", "--duration", "4", "--port", str(free_port()), "--db", db],
-                         capture_output=True, text=True, timeout=90, cwd=tmp_path)
+    db = "sqlite:///demo.db"  # relative, as in the demo's default
+    script = Path(sys.executable).parent / "tokenbooth"  # the console script `make demo` runs
+    env = _without_the_venv_on_path()
+    out = subprocess.run([str(script), "demo", "--duration", "4", "--port", "0", "--db", db],
+                         capture_output=True, text=True, timeout=90, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     assert "/metrics" in out.stdout and "TOTAL" in out.stdout
     assert "Traceback" not in out.stderr, out.stderr
-    report = _cli("report", "--db", db, "--by", "provider", "--format", "csv")
-    assert report.returncode == 0, report.stderr
-    header, *lines = report.stdout.strip().splitlines()
+    assert "3 % get 429 with Retry-After" in out.stdout and "the errors you see are on purpose" in out.stdout
+    hint = out.stdout.rstrip().splitlines()[-1].split("try: ", 1)[1]
+    assert not hint.startswith("tokenbooth ") or shutil.which("tokenbooth", path=env["PATH"])
+    shown = subprocess.run(hint, shell=True, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert shown.returncode == 0, (hint, shown.stderr)  # the hint works as printed, in the same shell
+    header, *lines = shown.stdout.strip().splitlines()
     assert header.startswith("provider,requests") and {line.split(",")[0] for line in lines} >= {"openai"}
+
+
+def _listening() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("case", ["port in use", "bad price file", "bad ledger URL"])
+def test_serve_refuses_with_one_line_before_printing_or_creating_anything(tmp_path: Path, case: str) -> None:
+    busy = _listening()
+    port = busy.getsockname()[1] if case == "port in use" else 0
+    extra = {"port in use": ["--db", "sqlite:///ledger.db"],
+             "bad price file": ["--price-file", "missing-prices.yaml"],
+             "bad ledger URL": ["--db", "bogus://x"]}[case]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENBOOTH_")}
+    with busy:
+        out = subprocess.run([*TB, "serve", "--upstream", "http://127.0.0.1:9/v1", "--port", str(port), *extra],
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert out.returncode == 2 and out.stdout == "", out
+    message = {"port in use": f"Cannot listen on 127.0.0.1:{port}: address already in use",
+               "bad price file": "Price file 'missing-prices.yaml' cannot be read",
+               "bad ledger URL": "Ledger URL 'bogus://x' cannot be used"}[case]
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"tokenbooth: error: {message}"), line
+    assert list(tmp_path.iterdir()) == []  # no tokenbooth.db, no journal, nothing
+
+
+def test_serve_warns_of_each_unset_upstream_key_and_keys_mode_refuses(tmp_path: Path) -> None:
+    config = tmp_path / "tb.yaml"
+    config.write_text("upstreams:\n  - {name: main, base_url: 'http://127.0.0.1:9/v1', api_key_env: TB_UNSET_KEY}\n"
+                      f"ledger: {{url: 'sqlite:///{tmp_path / 'l.db'}'}}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENBOOTH_") and k != "TB_UNSET_KEY"}
+    proc = subprocess.Popen([*TB, "serve", "--config", str(config), "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().startswith("tokenbooth gateway on ")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert "tokenbooth: warning: upstream 'main' has api_key_env TB_UNSET_KEY, which is not set" in err
+    keys = subprocess.run([*TB, "serve", "--config", str(config), "--port", "0"], capture_output=True, text=True,
+                          timeout=60, env={**env, "TOKENBOOTH_AUTH__MODE": "keys"})
+    assert keys.returncode == 2 and keys.stdout == ""
+    (line,) = keys.stderr.splitlines()
+    assert "TB_UNSET_KEY (upstream 'main') are not set" in line
+
+
+def test_every_ledger_command_on_a_database_without_the_ledger_says_so_in_one_line(tmp_path: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "other.db") as conn:
+        conn.execute("CREATE TABLE unrelated (a)")
+    (tmp_path / "spill.jsonl").write_text("{}\n")
+    db = f"sqlite:///{tmp_path / 'other.db'}"
+    for args in (["report"], ["report", "--by", "month", "--since", "today"], ["budgets"], ["keys", "list"],
+                 ["keys", "revoke", "key_x"], ["ledger", "replay", str(tmp_path / "spill.jsonl")]):
+        out = _cli(*args, "--db", db)
+        assert out.returncode == 2, (args, out)
+        (line,) = out.stderr.splitlines()
+        assert line.startswith(f"tokenbooth: error: No ledger at '{db}': the database has no tokenbooth_calls"), line
+
+
+def test_simulate_help_shows_every_default() -> None:
+    out = _cli("simulate", "--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for shown in ("(default 127.0.0.1)", "(default 8000)", "(default 0)", "(default none)", "(default 1)",
+                  "(default 30)", "a new one each run"):
+        assert shown in text, shown

@@ -143,7 +143,7 @@ def test_the_cli_replays_and_says_what_it_did(tmp_path: Path, capsys: pytest.Cap
     assert capsys.readouterr().out.startswith("2 rows inserted, 0 already in the ledger")
     assert main(["ledger", "replay", str(tmp_path / "missing.jsonl"), "--db", db]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("tokenbooth: error: Cannot read the spill file") and err.count("\n") == 1
+    assert err.startswith("tokenbooth: error: No spill file at") and err.count("\n") == 1
     assert main(["ledger", "replay", str(spill), "--db", f"sqlite:///{tmp_path / 'none.db'}"]) != 0
     assert "No ledger at" in capsys.readouterr().err
 
@@ -164,10 +164,12 @@ def test_a_database_that_refuses_gives_one_line_and_writes_nothing(tmp_path: Pat
     spill = _spill(tmp_path, [record(1)])
     empty = tmp_path / "empty.db"
     empty.touch()  # a file, but no tables: a rebuilt database that was never migrated
-    assert main(["ledger", "replay", str(spill), "--db", f"sqlite:///{empty}"]) == 1
+    assert main(["ledger", "replay", str(spill), "--db", f"sqlite:///{empty}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("tokenbooth: error: The ledger refused the replay, so nothing was written: no such table")
+    assert err.startswith(f"tokenbooth: error: No ledger at 'sqlite:///{empty}': the database has no tokenbooth_calls")
     assert err.count("\n") == 1
+    with sa.create_engine(f"sqlite:///{empty}").connect() as conn:
+        assert sa.inspect(conn).get_table_names() == []  # nothing created, nothing written
 
 
 def test_a_spill_from_before_a_column_was_added_still_replays(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def test_report_by_model_sums_exactly(ledger: str) -> None:
     assert rows["gpt-4o"].requests == 3 and rows["gpt-4o"].errors == 1
     assert rows["gpt-4o"].cost_usd == Decimal("0.75")
     assert rows["deepseek-chat"].cost_usd == Decimal("0.000000000001")
-    assert rows["private"].unpriced == 1 and rows["private"].cost_usd == 0
+    assert rows["private"].unpriced == 1 and rows["private"].cost_usd is None  # unpriced, never a silent 0
     engine.dispose()
 
 
@@ -74,11 +74,11 @@ def test_formats(ledger: str) -> None:
     rows = report(engine, "provider")
     engine.dispose()
     data = orjson.loads(render(rows, "json", "provider"))
-    assert {d["group"]: d["cost_usd"] for d in data} == {"deepseek": "1E-12", "openai": "0.75"} or \
-        {d["group"]: Decimal(d["cost_usd"]) for d in data} == {"deepseek": Decimal("1e-12"), "openai": Decimal("0.75")}
+    assert {d["group"]: d["cost_usd"] for d in data} == {"deepseek": "0.000000000001", "openai": "0.75"}
     parsed = list(csv.DictReader(io.StringIO(render(rows, "csv", "provider"))))
     assert [p["provider"] for p in parsed] == ["deepseek", "openai"]
     assert parsed[1]["requests"] == "4"
+    assert [p["cost_usd"] for p in parsed] == ["0.000000000001", "0.75"]  # plain digits, never 1E-12
     table = render(rows, "table", "provider")
     assert "TOTAL" in table and "openai" in table and "0.750000" in table
 
@@ -93,3 +93,18 @@ def test_client_chosen_names_cannot_drive_a_terminal_or_a_spreadsheet() -> None:
     assert "[bold]markup[/bold]" in table  # shown as written, not taken as markup
     parsed = [r["model"] for r in csv.DictReader(io.StringIO(render(rows, "csv", "model")))]
     assert parsed == [names[0], "'" + names[1], names[2], "'-1+2", "plain"]
+
+
+def test_costs_are_plain_digits_and_an_unpriced_group_says_so() -> None:
+    from tokenbooth.ledger.report import ReportRow
+
+    rows = [ReportRow("free", 2, 0, 10, 1, 0, 0, 0, Decimal("0E-12"), 0),
+            ReportRow("private", 1, 0, 10, 1, 0, 0, 0, None, 1)]
+    data = orjson.loads(render(rows, "json", "model"))
+    assert [d["cost_usd"] for d in data] == ["0", None]
+    parsed = list(csv.DictReader(io.StringIO(render(rows, "csv", "model"))))
+    assert [p["cost_usd"] for p in parsed] == ["0", ""]
+    table = render(rows, "table", "model")
+    private = next(line for line in table.splitlines() if "private" in line)
+    assert "unpriced" in private and "0.000000" not in private
+    assert "E-" not in table

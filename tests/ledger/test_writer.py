@@ -287,3 +287,21 @@ def test_during_an_outage_rows_beyond_max_queue_wait_on_disk(tmp_path: Path) -> 
     assert spilled >= 500 - 50 - 40  # all but what waits in the queue and the batch in hand (4 × batch_size)
     assert _count(engine) == 500 - spilled == writer.rows_written
     assert registry.get_sample_value("tokenbooth_ledger_rows_total", {"result": "failed"}) == spilled
+
+
+def test_a_closed_sqlite_ledger_holds_its_rows_in_the_database_file_alone(tmp_path: Path) -> None:
+    import shutil
+
+    engine = connect(f"sqlite:///{tmp_path / 'ledger.db'}")
+    writer = LedgerWriter(engine, Metrics(CollectorRegistry()), flush_interval=0.01)
+    writer.start()
+    for i in range(25):
+        writer.submit(record(i))
+    writer.close()
+    assert (tmp_path / "ledger.db-wal").stat().st_size == 0  # checkpointed and truncated
+    (tmp_path / "copy").mkdir()
+    shutil.copy(tmp_path / "ledger.db", tmp_path / "copy" / "ledger.db")  # the file alone, as users copy it
+    engine.dispose()
+    copy = sa.create_engine(f"sqlite:///{tmp_path / 'copy' / 'ledger.db'}")
+    assert _count(copy) == 25
+    copy.dispose()

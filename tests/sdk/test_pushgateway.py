@@ -21,9 +21,10 @@ from tokenbooth.catalog import total
 
 
 @pytest.fixture
-def pushgateway() -> Iterator[str]:
+def pushgateway(tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    with serving([need("pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
+    with serving([need("pushgateway"), f"--web.listen-address=127.0.0.1:{port}",
+                  f"--persistence.file={tmp_path / 'pushgateway.data'}"],
                  f"http://127.0.0.1:{port}", timeout=15) as url:
         yield url
 

@@ -169,6 +169,20 @@ def test_stack_up_runs_local_binaries_and_stops_on_ctrl_c(stack_dir: Path, tmp_p
     assert proc.returncode == 0, err
     assert out.rstrip().endswith("stopped")
     assert all(_closed(port) for port in ports.values())
+    assert (directory / ".run" / "pushgateway.data").is_file()  # its own, not /var/lib/prometheus's
+
+
+def test_stack_up_keeps_each_process_data_in_the_stack_directory(stack_dir: Path, tmp_path: Path) -> None:
+    from tokenbooth.stack.up import LocalStack
+
+    shutil.copytree(stack_dir, tmp_path / "stack")
+    stack = LocalStack(tmp_path / "stack")
+    commands = stack.commands(*stack.prepare())
+    flags = {"prometheus": "--storage.tsdb.path=", "alertmanager": "--storage.path=",
+             "pushgateway": "--persistence.file="}
+    for name, flag in flags.items():
+        (value,) = [arg.removeprefix(flag) for arg in commands[name] if arg.startswith(flag)]
+        assert Path(value).parent == stack.run_dir, (name, value)
 
 
 def test_a_missing_tool_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:

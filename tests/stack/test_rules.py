@@ -36,6 +36,7 @@ F12 = {  # PRODUCT.md F12 and the issue, each to the alert that covers it
     "ledger rows failed": "TokenboothLedgerRowsFailed", "tenant budget nearly spent": "TokenboothBudgetNearlySpent",
     "tenant budget exhausted or refusing calls": "TokenboothBudgetExhausted",
     "tenant budget burn rate": "TokenboothBudgetBurnRate", "Redis unreachable": "TokenboothRedisUnreachable",
+    "cache hit rate drop": "TokenboothCacheHitRateDrop",
 }
 
 

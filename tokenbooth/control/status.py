@@ -20,6 +20,7 @@ from tokenbooth.config import Settings
 from tokenbooth.control.keys import KeyStore
 from tokenbooth.control.policy import Check, budget_check, from_units
 from tokenbooth.ledger.report import spend_since
+from tokenbooth.pricing import plain
 
 __all__ = ["BudgetStatus", "budget_status", "render_budgets"]
 
@@ -80,9 +81,7 @@ def budget_status(settings: Settings, engine: Engine, now: float | None = None) 
 
 
 def _plain(d: Decimal) -> str:
-    """A decimal as plain digits, never ``0E-12``."""
-    text = f"{d.quantize(Decimal('1e-9')).normalize():f}"
-    return "0" if text in ("-0", "0") else text
+    return plain(d, Decimal("1e-9"))  # budgets are exact to 1e-9
 
 
 def render_budgets(rows: list[BudgetStatus], fmt: str) -> str:

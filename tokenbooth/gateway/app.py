@@ -34,6 +34,7 @@ from tokenbooth.errors import (
     TokenboothError,
     UpstreamStatusError,
 )
+from tokenbooth.gateway.caching import build_cache
 from tokenbooth.gateway.client import safe_target
 from tokenbooth.gateway.connections import ConnectionLimits
 from tokenbooth.gateway.notify import PATH_PREFIX as WEBHOOK_PREFIX
@@ -101,6 +102,8 @@ class Gateway:
     async def shutdown(self) -> None:
         if self.control is not None:
             await self.control.close()  # settlements in progress, and what Redis missed
+        if self.proxy.cache is not None:
+            await self.proxy.cache.close()
         self.proxy.close()
         self.notifier.close()
         if self.ledger is not None:
@@ -323,7 +326,7 @@ def build_gateway(settings: Settings, registry: CollectorRegistry | None = None)
     proxy = Proxy(router, meter, prices, settings.tokens, estimator, max_attempts=settings.max_attempts,
                   journal=ledger.journal if ledger is not None else None, control=build_controller(settings, metrics),
                   default_max_tokens=settings.budgets.default_max_tokens,
-                  max_model_length=settings.limits.max_model_length)
+                  max_model_length=settings.limits.max_model_length, cache=build_cache(settings, metrics))
     return Gateway(settings, proxy, exposed, ledger)
 
 

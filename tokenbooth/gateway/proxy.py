@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from tokenbooth.cache.entry import Entry
 from tokenbooth.calls import ENDPOINTS, CallState, Endpoint, Format, Recorder, follower_for
 from tokenbooth.config import TokensConfig, UpstreamConfig
 from tokenbooth.control.controller import Controller, Demand, RateState, Ticket
@@ -24,13 +25,14 @@ from tokenbooth.errors import (
     UpstreamInvalidResponse,
     UpstreamStatusError,
 )
+from tokenbooth.gateway.caching import CACHED, Capture, Plan, ResponseCache
 from tokenbooth.gateway.client import Pool, UpstreamResponse
 from tokenbooth.gateway.resilience import Breaker, CircuitState, RetryPolicy, parse_retry_after
 from tokenbooth.gateway.upstreams import Router
 from tokenbooth.ledger.journal import Journal
 from tokenbooth.meter import Meter
 from tokenbooth.pricing import PriceBook, cost_of
-from tokenbooth.record import Cost, Operation, Outcome, TokenUsage
+from tokenbooth.record import NO_USAGE, CallRecord, Cost, Operation, Outcome, TokenUsage
 from tokenbooth.streams import StreamFollower
 from tokenbooth.tokens import TokenEstimator
 
@@ -57,6 +59,12 @@ _FORWARD_RESPONSE = frozenset({
 _WATCH_AFTER = 0.05  # seconds a call runs before its client's hang-up is watched for
 # The upstream's rate-limit headers, replaced by the gateway's own when a key's limits apply.
 _RATE_HEADERS = frozenset(h for h in _FORWARD_RESPONSE if h.startswith(b"x-ratelimit-"))
+_OWN_RATE_HEADERS = frozenset({b"x-ratelimit-limit-requests", b"x-ratelimit-limit-tokens"})
+
+
+def _asks_usage(payload: dict[str, Any]) -> bool:
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 def rate_headers(states: tuple[RateState, ...]) -> list[tuple[bytes, bytes]]:
@@ -155,8 +163,10 @@ class Proxy:
     def __init__(self, router: Router, meter: Meter, prices: PriceBook,
                  tokens: TokensConfig | None = None, estimator: TokenEstimator | None = None, *,
                  max_attempts: int = 6, journal: Journal | None = None, control: Controller | None = None,
-                 default_max_tokens: int = 4096, max_model_length: int = 256) -> None:
+                 default_max_tokens: int = 4096, max_model_length: int = 256,
+                 cache: ResponseCache | None = None) -> None:
         self.router = router
+        self.cache = cache
         self.max_model_length = max_model_length
         self.control = control
         self.default_max_tokens = default_max_tokens
@@ -244,6 +254,15 @@ class Proxy:
             raise InvalidRequest("'stream' must be a boolean.", "stream")
         targets = self.router.targets(model)
         session_id = client_headers.get(b"x-tokenbooth-session")
+        plan: Plan | None = None
+        if self.cache is not None and ep.operation in CACHED:
+            plan = self._cache_plan(ep, payload, stream, targets[0][0], targets[0][1], client_headers, key, query)
+            if plan.lookup:
+                entry = await self.cache.lookup(plan)
+                if entry is not None:  # answered here: no admission, nothing reserved or settled
+                    await self._serve_hit(ep, entry, targets[0], model, payload, stream, request_id, send, t0, key,
+                                          session_id)
+                    return
         ticket: Ticket | None = None
         if self.control is not None and key is not None:
             checks = self.control.plan(key)
@@ -258,6 +277,11 @@ class Proxy:
         call = CallState(provider_of(targets[0][0], ep), targets[0][0].name, targets[0][1])
         if ticket is not None and ticket.rates:
             call.response_headers = rate_headers(ticket.rates)
+        capture = None
+        if plan is not None:
+            call.response_headers.append(plan.header)
+            if plan.store and self.cache is not None:
+                capture = self.cache.capture()
         started_at = time.time()
         in_flight = self.meter.in_flight(targets[0][0].provider, model)
         in_flight.inc()
@@ -267,7 +291,7 @@ class Proxy:
         try:
             path = ep.upstream_path.encode() + (b"?" + query if query else b"")  # ?beta=true reaches upstream
             await self._attempts(targets, ep, path, model, payload, body, stream, client_headers, request_id, call,
-                                 t0, send, watch)
+                                 t0, send, watch, capture)
         except UpstreamError as exc:
             call.error_type = exc.error_type
             call.status = exc.status_code
@@ -283,12 +307,53 @@ class Proxy:
                 call.output_text = ""  # the prompt was sent: estimate it, and no output
         finally:
             watch.close()
-            self.conclude(call, ticket, in_flight, key, request_id=request_id, operation=ep.operation, model=model,
+            record = self.conclude(call, ticket, in_flight, key, request_id=request_id, operation=ep.operation,
+                                   model=model, payload=payload, started_at=started_at,
+                                   duration=time.perf_counter() - t0, streamed=stream,
+                                   session_id=session_id.decode("latin-1")[:128] if session_id else None,
+                                   cache=plan.result if plan is not None else None)
+            if capture is not None and capture.complete and self.cache is not None and plan is not None:
+                self.cache.store(plan, capture, record)
+
+    def _cache_plan(self, ep: Endpoint, payload: dict[str, Any], stream: bool, up: UpstreamConfig,
+                    target_model: str, client_headers: Mapping[bytes, bytes], key: ClientKey | None,
+                    query: bytes) -> Plan:
+        assert self.cache is not None
+        forwarded = [(name, client_headers[name]) for name in _FORWARD_REQUEST if name in client_headers]
+        credential = None
+        if up.name not in self._keys and self.forward_client_auth:  # the client's own key goes upstream
+            credential = client_headers.get(b"authorization") or client_headers.get(b"x-api-key")
+        return self.cache.plan(ep, payload, stream, up.name, target_model, client_headers, forwarded, key,
+                               credential, query)
+
+    async def _serve_hit(self, ep: Endpoint, entry: Entry, target: tuple[UpstreamConfig, str], model: str,
+                         payload: dict[str, Any], stream: bool, request_id: str, send: Send, t0: float,
+                         key: ClientKey | None, session_id: bytes | None) -> None:
+        """Answer a call from the cache and record it: its own row, cost 0, what it saved."""
+        assert self.cache is not None
+        up, target_model = target
+        call = CallState(provider_of(up, ep), up.name, target_model)
+        call.status, call.reported, call.served_model = 200, NO_USAGE, entry.served_model
+        started_at = time.time()
+        in_flight = self.meter.in_flight(up.provider, model)
+        in_flight.inc()
+        if self.journal is not None:
+            self.journal.begin()
+        strip = stream and ep.fmt == "openai" and not ep.responses and not _asks_usage(payload)
+        try:
+            await self.cache.replay(entry, send, self.cache.hit_headers(entry, request_id), strip)
+            call.outcome = Outcome.SUCCESS
+        except asyncio.CancelledError:
+            call.outcome, call.error_type = Outcome.CANCELLED, ErrorType.CANCELLED
+            raise
+        finally:
+            self.conclude(call, None, in_flight, key, request_id=request_id, operation=ep.operation, model=model,
                           payload=payload, started_at=started_at, duration=time.perf_counter() - t0, streamed=stream,
-                          session_id=session_id.decode("latin-1")[:128] if session_id else None)
+                          session_id=session_id.decode("latin-1")[:128] if session_id else None, cache="hit",
+                          saved=entry.usage if call.outcome is Outcome.SUCCESS else None)
 
     def conclude(self, call: CallState, ticket: Ticket | None, in_flight: Any, key: ClientKey | None,
-                 **fields: Any) -> None:
+                 **fields: Any) -> CallRecord:
         """Record a finished call (``fields`` go to :meth:`Recorder.finish`), settle its reservation,
         and only then take it out of flight, so a drained gateway has recorded everything."""
         try:
@@ -300,6 +365,7 @@ class Proxy:
                 self.journal.end()
         finally:
             in_flight.dec()
+        return record
 
     def _demand(self, ep: Endpoint, model: str, targets: tuple[tuple[UpstreamConfig, str], ...],
                 payload: dict[str, Any]) -> Demand:
@@ -343,7 +409,8 @@ class Proxy:
 
     async def _attempts(self, targets: tuple[tuple[UpstreamConfig, str], ...], ep: Endpoint, path: bytes, model: str,
                         payload: dict[str, Any], body: bytes, stream: bool, client_headers: Mapping[bytes, bytes],
-                        request_id: str, call: CallState, t0: float, send: Send, watch: HangupWatch) -> None:
+                        request_id: str, call: CallState, t0: float, send: Send, watch: HangupWatch,
+                        capture: Capture | None = None) -> None:
         """Try the targets in order, retrying each as its policy allows, within ``max_attempts`` in all.
 
         Raises the last failure when every target is exhausted. Nothing is retried once a byte
@@ -370,7 +437,7 @@ class Proxy:
                 call.serve(provider_of(up, ep), up.name, target_model)
                 try:
                     await self._forward(up, ep, path, target_body, client_headers, request_id, stream, strip_usage,
-                                        call, t0, send, watch)
+                                        call, t0, send, watch, capture)
                 except UpstreamError as exc:
                     last = exc
                     status = exc.status_code if isinstance(exc, UpstreamStatusError) else None
@@ -409,7 +476,8 @@ class Proxy:
 
     async def _forward(self, up: UpstreamConfig, ep: Endpoint, path: bytes, body: bytes,
                        client_headers: Mapping[bytes, bytes], request_id: str, stream: bool,
-                       strip_usage: bool, call: CallState, t0: float, send: Send, watch: HangupWatch) -> None:
+                       strip_usage: bool, call: CallState, t0: float, send: Send, watch: HangupWatch,
+                       capture: Capture | None = None) -> None:
         resp = await self.pools[up.name].request(path, body,
                                                  self.request_headers(up, client_headers, ep.fmt))
         try:
@@ -417,7 +485,7 @@ class Proxy:
             content_type = resp.header(b"content-type") or "application/json"
             if stream and resp.status == 200 and content_type.startswith("text/event-stream"):
                 follower: StreamFollower = follower_for(ep, strip_usage)
-                await self._stream(up, ep, resp, follower, request_id, call, t0, send, watch)
+                await self._stream(up, ep, resp, follower, request_id, call, t0, send, watch, capture)
                 return
             data = await resp.read()
             if resp.status >= 400:
@@ -433,6 +501,8 @@ class Proxy:
                 raise UpstreamInvalidResponse(f"upstream '{up.name}' answered with an unexpected body",
                                               up.name)
             call.read_response(parsed, ep)
+            if capture is not None and not stream:
+                capture.body, capture.content_type, capture.complete = data, content_type, resp.status == 200
             watch.done()  # the answer is complete: a client hanging up now has had it
             await send({"type": "http.response.start", "status": resp.status,
                         "headers": self._response_headers(resp, request_id, content_type, call.response_headers)})
@@ -444,9 +514,10 @@ class Proxy:
     def _response_headers(resp: UpstreamResponse, request_id: str, content_type: str,
                           own: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", content_type.encode("latin-1")), (b"x-request-id", request_id.encode())]
+        rated = bool(own and own[0][0] in _OWN_RATE_HEADERS)  # rate headers come first (see handle)
         for name, value in resp.headers:
             if name in _FORWARD_RESPONSE:
-                if own and name in _RATE_HEADERS:
+                if rated and name in _RATE_HEADERS:
                     continue  # the key's own limits are the ones this client lives by
                 headers.append((name, value))
             elif name == b"x-request-id":
@@ -457,7 +528,7 @@ class Proxy:
 
     async def _stream(self, up: UpstreamConfig, ep: Endpoint, resp: UpstreamResponse,
                       follower: StreamFollower, request_id: str, call: CallState, t0: float, send: Send,
-                      watch: HangupWatch) -> None:
+                      watch: HangupWatch, capture: Capture | None = None) -> None:
         """Pass an SSE stream through as it arrives, metering it on the side.
 
         A client that hangs up cancels this task (through ``watch``): the upstream connection is
@@ -466,9 +537,21 @@ class Proxy:
         await send({"type": "http.response.start", "status": 200,
                     "headers": self._response_headers(resp, request_id, "text/event-stream", call.response_headers)})
         perf = time.perf_counter
+        kept = None
+        room = 0
+        if capture is not None:
+            kept = capture.chunks = []
+            room = capture.limit
         try:
             try:
                 async for chunk in resp:
+                    if kept is not None:
+                        kept.append(chunk)  # as the upstream sent it: usage asked on the client's behalf included
+                        room -= len(chunk)
+                        if room < 0:  # too big to keep: let go of it now
+                            assert capture is not None
+                            kept = capture.chunks = None
+                            capture.dropped = True
                     seen = follower.content_chunks
                     out = follower.feed(chunk)
                     if follower.content_chunks != seen:
@@ -498,6 +581,8 @@ class Proxy:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             if follower.error is None:
                 call.outcome = Outcome.SUCCESS
+                if capture is not None:
+                    capture.content_type, capture.complete = "text/event-stream", True
             else:
                 call.error_type = ErrorType.SERVER_ERROR
         except asyncio.CancelledError:

@@ -11,7 +11,7 @@ import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import uvicorn
@@ -57,9 +57,16 @@ def uvicorn_config(gateway: Gateway | str, settings: Settings, **extra: Any) -> 
 class GatewayServer(uvicorn.Server):
     """uvicorn's server, optionally leaving signal handling to the caller (demo, tests)."""
 
-    def __init__(self, config: uvicorn.Config, *, handle_signals: bool = True) -> None:
+    def __init__(self, config: uvicorn.Config, *, handle_signals: bool = True,
+                 on_started: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self.handle_signals = handle_signals
+        self.on_started = on_started  # called once the app has started and the sockets listen
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.on_started is not None and not self.should_exit:
+            self.on_started()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -110,8 +117,8 @@ def report_lost_rows(settings: Settings) -> int:
     return missing
 
 
-def run_workers(settings: Settings) -> None:
-    """Serve on ``settings.workers`` processes sharing one socket.
+def run_workers(settings: Settings, sock: socket.socket | None = None) -> None:
+    """Serve on ``settings.workers`` processes sharing one socket (``sock``, else one bound here).
 
     Metrics use client_python's multiprocess mode (a temporary directory shared by the
     workers, removed at exit); each worker has its own ledger writer and circuit breakers.
@@ -124,7 +131,7 @@ def run_workers(settings: Settings) -> None:
     try:
         config = uvicorn_config("tokenbooth.gateway.server:worker_app", settings, factory=True,
                                 workers=settings.workers)
-        sock = config.bind_socket()
+        sock = sock if sock is not None else config.bind_socket()
         Multiprocess(config, sockets=[sock]).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

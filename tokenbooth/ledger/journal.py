@@ -16,7 +16,7 @@ import os
 import struct
 from pathlib import Path
 
-__all__ = ["Journal", "recover"]
+__all__ = ["Journal", "pending", "recover"]
 
 log = logging.getLogger("tokenbooth.ledger")
 
@@ -75,13 +75,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def recover(directory: Path) -> int:
-    """Read the journals of writers that died without a clean shutdown, remove them, and return
-    how many calls they had begun or submitted and not written: an upper bound on the rows
-    missing."""
+def _dead(directory: Path) -> list[tuple[Path, int]]:
+    """The journals of writers no longer running, with how many calls each may have left out."""
     if not directory.is_dir():
-        return 0
-    missing = 0
+        return []
+    found = []
     for path in directory.glob("writer-*.count"):
         try:
             pid = int(path.stem.split("-", 1)[1].split(".")[0])
@@ -93,6 +91,21 @@ def recover(directory: Path) -> int:
             submitted, written, begun, ended = struct.unpack(_FORMAT, path.read_bytes().ljust(_SIZE, b"\0")[:_SIZE])
         except OSError:
             continue
-        missing += max(submitted - written, 0) + max(begun - ended, 0)
+        found.append((path, max(submitted - written, 0) + max(begun - ended, 0)))
+    return found
+
+
+def pending(directory: Path) -> int:
+    """What :func:`recover` would report, leaving the journals where they are (``tokenbooth doctor``)."""
+    return sum(missing for _, missing in _dead(directory))
+
+
+def recover(directory: Path) -> int:
+    """Read the journals of writers that died without a clean shutdown, remove them, and return
+    how many calls they had begun or submitted and not written: an upper bound on the rows
+    missing."""
+    missing = 0
+    for path, lost in _dead(directory):
+        missing += lost
         path.unlink(missing_ok=True)
     return missing

@@ -17,6 +17,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from tokenbooth.errors import UsageError
 from tokenbooth.ledger.schema import calls
+from tokenbooth.pricing import plain
 
 __all__ = ["GROUPS", "ReportRow", "render", "report", "spend_since"]
 
@@ -26,7 +27,8 @@ GROUPS: tuple[str, ...] = ("model", "provider", "upstream", "tenant", "key", "da
 
 @dataclass(frozen=True)
 class ReportRow:
-    """Sums over one group of calls. ``cost_usd`` covers priced calls; ``unpriced`` counts the rest."""
+    """Sums over one group of calls. ``cost_usd`` covers priced calls, and is None when the group's
+    calls with tokens are all unpriced (never a silent 0); ``unpriced`` counts the unpriced ones."""
 
     group: str
     requests: int
@@ -36,7 +38,7 @@ class ReportRow:
     cached_input_tokens: int
     cache_write_tokens: int
     reasoning_tokens: int
-    cost_usd: Decimal
+    cost_usd: Decimal | None
     unpriced: int
 
 
@@ -87,7 +89,7 @@ def report(engine: Engine, by: str = "model", since: dt.date | None = None,
             cached_input_tokens=int(r.cached_input_tokens or 0),
             cache_write_tokens=int(r.cache_write_tokens or 0),
             reasoning_tokens=int(r.reasoning_tokens or 0),
-            cost_usd=Decimal(r.cost_usd) if r.cost_usd is not None else Decimal(0),
+            cost_usd=Decimal(r.cost_usd) if r.cost_usd is not None else None if r.unpriced else Decimal(0),
             unpriced=int(r.unpriced or 0),
         )
         for r in rows
@@ -114,10 +116,18 @@ def spend_since(engine: Engine, *, tenant: str, key_id: str | None, since: dt.da
 
 
 def _total(rows: list[ReportRow]) -> ReportRow:
-    return ReportRow("TOTAL", *(sum((getattr(r, f) for r in rows), start=type(getattr(rows[0], f))())
-                                for f in ("requests", "errors", "input_tokens", "output_tokens",
-                                          "cached_input_tokens", "cache_write_tokens", "reasoning_tokens",
-                                          "cost_usd", "unpriced")))
+    costs = [r.cost_usd for r in rows if r.cost_usd is not None]
+
+    def added(name: str) -> int:
+        return sum(getattr(r, name) for r in rows)
+
+    return ReportRow("TOTAL", added("requests"), added("errors"), added("input_tokens"), added("output_tokens"),
+                     added("cached_input_tokens"), added("cache_write_tokens"), added("reasoning_tokens"),
+                     sum(costs, start=Decimal(0)) if costs else None, added("unpriced"))
+
+
+def _cost(r: ReportRow) -> str | None:
+    return plain(r.cost_usd) if r.cost_usd is not None else None
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -138,14 +148,15 @@ def _csv_cell(text: str) -> str:
 def render(rows: list[ReportRow], fmt: str, by: str) -> str:
     """Render rows as ``table`` (with a total), ``csv`` or ``json`` (exact decimal strings)."""
     if fmt == "json":
-        return orjson.dumps([{**asdict(r), "cost_usd": str(r.cost_usd)} for r in rows],
+        return orjson.dumps([{**asdict(r), "cost_usd": _cost(r)} for r in rows],
                             option=orjson.OPT_INDENT_2).decode() + "\n"
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow([by, *list(asdict(rows[0]))[1:]] if rows else [by])
         for r in rows:
-            writer.writerow([_csv_cell(r.group), *(str(v) for v in list(asdict(r).values())[1:])])
+            writer.writerow([_csv_cell(r.group), *(_cost(r) or "" if k == "cost_usd" else str(v)
+                                                   for k, v in list(asdict(r).items())[1:])])
         return out.getvalue()
     if fmt != "table":
         raise UsageError(f"unknown format {fmt!r}; choose table, csv or json")
@@ -160,7 +171,8 @@ def render(rows: list[ReportRow], fmt: str, by: str) -> str:
     for r in shown:
         table.add_row(escape(_printable(r.group)), f"{r.requests:,}", f"{r.errors:,}", f"{r.input_tokens:,}",
                       f"{r.output_tokens:,}", f"{r.cached_input_tokens:,}", f"{r.reasoning_tokens:,}",
-                      f"{r.cost_usd:,.6f}", f"{r.unpriced:,}", end_section=r is rows[-1])
+                      f"{r.cost_usd:,.6f}" if r.cost_usd is not None else "unpriced", f"{r.unpriced:,}",
+                      end_section=r is rows[-1])
     buf = io.StringIO()
     Console(file=buf, width=140, force_terminal=False, color_system=None).print(
         table if rows else "No calls in the ledger for this period.")

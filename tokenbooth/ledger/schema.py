@@ -35,11 +35,12 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 from tokenbooth.errors import ConfigError
 from tokenbooth.record import CallRecord, SessionRecord
 
-__all__ = ["SCHEMA_VERSION", "calls", "connect", "keys", "meta", "metadata", "row_from_record", "session_row",
-           "sessions"]
+__all__ = ["SCHEMA_VERSION", "calls", "connect", "engine_for", "keys", "meta", "metadata", "row_from_record",
+           "session_row", "sessions"]
 
 # 1: calls and sessions. 2: client keys, and calls indexed by key and time. 3: calls' response_id.
-SCHEMA_VERSION = 3
+# 4: calls' cache result and the cost a cache hit saved.
+SCHEMA_VERSION = 4
 _PICO = Decimal("1e12")
 
 
@@ -114,6 +115,8 @@ calls = Table(
     Column("key_id", String(64)),
     Column("response_id", String(128),
            comment="the stored response or batch the call created or read: a background response's rows share it"),
+    Column("cache", String(16), comment="the response cache's result: hit, miss, bypass, store_skipped; NULL: off"),
+    Column("saved_cost_usd", Money(), comment="a cache hit: what its stored answer would cost now (the hit costs 0)"),
     Index("ix_tokenbooth_calls_started_at", "started_at"),
     Index("ix_tokenbooth_calls_model_time", "model", "started_at"),
     Index("ix_tokenbooth_calls_provider_time", "provider", "started_at"),
@@ -250,7 +253,8 @@ def row_values(rec: CallRecord, sqlite: bool) -> tuple[Any, ...]:
         estimated, mismatch, amount, cost.currency if cost else None, usd, cost.source if cost else None,
         rec.duration_s, rec.ttft_s, rec.attempts, _fit(rec.fallback_path, _LENGTH["fallback_path"]),
         _fit(rec.session_id, _LENGTH["session_id"]), _fit(rec.tenant, _LENGTH["tenant"]),
-        _fit(rec.key_id, _LENGTH["key_id"]), _fit(rec.response_id, _LENGTH["response_id"]),
+        _fit(rec.key_id, _LENGTH["key_id"]), _fit(rec.response_id, _LENGTH["response_id"]), rec.cache,
+        _money(rec.saved_cost.usd, sqlite) if rec.saved_cost is not None else None,
     )
 
 
@@ -269,9 +273,9 @@ def row_from_record(rec: CallRecord) -> dict[str, Any]:
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=5000")  # first: switching to WAL waits for another connection's lock
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=5000")
     cur.close()
 
 
@@ -293,18 +297,22 @@ def _migrate(conn: Any, version: int) -> None:
         for index in calls.indexes:
             if index.name == "ix_tokenbooth_calls_key_time":
                 index.create(conn, checkfirst=True)
-    if version < 3 and "response_id" not in {c["name"] for c in inspect(conn).get_columns(calls.name)}:
-        column = calls.c.response_id
-        conn.execute(text(f"ALTER TABLE {calls.name} ADD COLUMN {column.name} "
-                          f"{column.type.compile(dialect=conn.dialect)}"))
+    added = {3: ("response_id",), 4: ("cache", "saved_cost_usd")}
+    for step, names in added.items():
+        if version >= step:
+            continue
+        present = {c["name"] for c in inspect(conn).get_columns(calls.name)}
+        for name in names:
+            if name not in present:
+                column = calls.c[name]
+                conn.execute(text(f"ALTER TABLE {calls.name} ADD COLUMN {column.name} "
+                                  f"{column.type.compile(dialect=conn.dialect)}"))
     conn.execute(meta.update().where(meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION)))
 
 
-def connect(url: str, *, create: bool = True) -> Engine:
-    """An engine for the ledger at ``url``, with the schema created and checked.
-
-    SQLite runs in WAL mode so reports can read while the gateway writes.
-    """
+def engine_for(url: str) -> Engine:
+    """An engine for ``url``, not yet connected: a URL no driver can serve is refused here, before
+    anything is created. :func:`connect` is the one that opens the ledger."""
     if url.startswith(("postgres://", "postgresql://")):
         # psycopg 3 is the driver we ship with; SQLAlchemy's default would be psycopg2.
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
@@ -317,6 +325,15 @@ def connect(url: str, *, create: bool = True) -> Engine:
         raise ConfigError(f"Ledger URL '{safe_url(url)}' cannot be used: {exc}") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def connect(url: str, *, create: bool = True) -> Engine:
+    """An engine for the ledger at ``url``, with the schema created and checked.
+
+    SQLite runs in WAL mode so reports can read while the gateway writes.
+    """
+    engine = engine_for(url)
     try:
         if create:
             metadata.create_all(engine)
@@ -334,6 +351,12 @@ def connect(url: str, *, create: bool = True) -> Engine:
         else:
             with engine.connect() as conn:
                 conn.execute(select(1))
+                if not inspect(conn).has_table(calls.name):
+                    raise ConfigError(f"No ledger at '{safe_url(url)}': the database has no {calls.name} table; "
+                                      "pass the --db URL a gateway writes to")
+    except ConfigError:
+        engine.dispose()
+        raise
     except SQLAlchemyError as exc:
         engine.dispose()
         raise ConfigError(f"Ledger at '{safe_url(url)}' cannot be opened: {exc.__class__.__name__}: "

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from tokenbooth.catalog import Metrics
@@ -193,8 +193,20 @@ class LedgerWriter:
         else:
             self._run()  # never started: write what was queued here, with the same loop
         self._depth.set(0)
+        self._checkpoint()
         if self.journal is not None:
             self.journal.close()
+
+    def _checkpoint(self) -> None:
+        """Move an SQLite ledger's rows from its ``-wal`` file into the database file, so a copy of
+        the file alone holds them once the gateway has stopped."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        except SQLAlchemyError as exc:  # another process reading: its rows stay in the -wal file, still safe
+            log.warning("ledger: the WAL checkpoint at shutdown did not complete: %s", exc)
 
     def _run(self) -> None:
         # The thread wakes every flush_interval (or at once for flush/close) and drains the queue

@@ -20,7 +20,7 @@ from typing import Any
 
 from tokenbooth.config import StackConfig
 from tokenbooth.stack.profile import Profile
-from tokenbooth.stack.recording import DAY, HOUR, MINUTE, SHORT, RuleNames
+from tokenbooth.stack.recording import DAY, HOUR, LOOKED_UP, MINUTE, SHORT, RuleNames
 
 __all__ = ["Alert", "AlertSet", "alert_set"]
 
@@ -226,6 +226,26 @@ def _budgets(s: StackConfig, p: Profile) -> list[Alert]:
     ]
 
 
+# The response cache's hit rate is judged against its own last day, not a fixed target: how much
+# traffic repeats is the application's business; a rate that halves means a change broke the reuse.
+CACHE_DROP = 0.5  # the hour's hit rate under this share of the previous day's average
+CACHE_USUAL_MIN = 0.2  # a usual hit rate under this is too small for its drop to matter
+
+
+def _cache(s: StackConfig, p: Profile, n: RuleNames) -> list[Alert]:
+    usual = f"avg_over_time({n.cache_hit_ratio()}[{p.d(DAY)}] offset {p.d(HOUR)})"
+    looked_up = f'sum by (job) (increase(tokenbooth_cache_requests_total{{result=~"{LOOKED_UP}"}}[{p.d(HOUR)}]))'
+    return [Alert(
+        "TokenboothCacheHitRateDrop", "warning", "platform",
+        f"{n.cache_hit_ratio()} < {_num(CACHE_DROP)} * {usual}\nand on (job) {usual} > {_num(CACHE_USUAL_MIN)}\n"
+        f"and on (job) {looked_up} >= {s.min_requests}", 15 * MINUTE,
+        "{{ $labels.job }}: response cache hit rate down to " + _PCT,
+        f"Over the last {p.d(HOUR)} the response cache answered {_PCT} of the calls looked up in it, under "
+        f"{_pct(CACHE_DROP)} of its average over the previous {p.d(DAY)}: every miss goes to the upstream and is paid "
+        "for. A deploy that changed the requests (a timestamp in a prompt), a new client, the cache's Redis gone, or "
+        "a flush.")]
+
+
 def _platform(s: StackConfig, p: Profile) -> list[Alert]:
     return [
         Alert("TokenboothInstanceDown", "critical", "platform", 'up{job=~"tokenbooth.*"} == 0', 2 * MINUTE,
@@ -304,4 +324,5 @@ def alert_set(stack: StackConfig, fx: Decimal, profile: Profile) -> AlertSet:
         "tokenbooth.alerts.cost": _cost(stack, fx, profile, names),
         "tokenbooth.alerts.budgets": _budgets(stack, profile),
         "tokenbooth.alerts.platform": _platform(stack, profile),
+        "tokenbooth.alerts.cache": _cache(stack, profile, names),
     }, names)

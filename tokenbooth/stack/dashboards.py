@@ -249,6 +249,27 @@ def cost() -> dict[str, Any]:
                 f"sum by (model) (rate(tokenbooth_token_estimate_mismatch_total{{{F}}}[{RI}])) * 3600", "{{model}}")],
                "short", "Reported usage far from the local estimate: a relay inflating usage shows here."),
         ]),
+        ("Response cache", [
+            single("Saved by the cache today", f"sum(increase(tokenbooth_cache_saved_usd_total{{{F}}}[$__range]))",
+                   "currencyUSD", "What the calls answered from the cache would have cost at today's prices.",
+                   "now/d"),
+            single("Saved this month", f"sum(increase(tokenbooth_cache_saved_usd_total{{{F}}}[$__range]))",
+                   "currencyUSD", "Since the first.", "now/M"),
+            ts("Cache hit rate by job", [(N.cache_hit_ratio(), "{{job}}")], "percentunit",
+               "Share of the calls looked up in the cache that it answered, over the last hour "
+               "(TokenboothCacheHitRateDrop fires when it halves against the previous day).").min(0).max(1),
+            ts("Saved per hour by model", [(
+                f"sum by (model) (rate(tokenbooth_cache_saved_usd_total{{{F}}}[{RI}])) * 3600", "{{model}}")],
+               "currencyUSD", "Cost of the answers the cache gave instead of the upstream, in US dollars.",
+               stacked=True),
+            ts("Cache requests per minute by result", [(
+                f"sum by (result) (rate(tokenbooth_cache_requests_total[{RI}])) * 60", "{{result}}")], "short",
+               "hit, miss, store_skipped (no-store), bypass (not looked up: a sampled call, no-cache, or the cache "
+               "off for its key or tenant).", stacked=True),
+            ts("Tokens saved per minute by type", [(
+                f"sum by (type) (rate(tokenbooth_cache_saved_tokens_total[{RI}])) * 60", "{{type}}")], "short",
+               "Tokens the cache's answers did not use upstream."),
+        ]),
     ]
     return _dashboard("tokenbooth-cost", "tokenbooth cost and tenants", "Where the money goes.",
                       [_variable("provider", "tokenbooth_cost_usd_total"),
@@ -340,6 +361,14 @@ def internals() -> dict[str, Any]:
                 "histogram_quantile(0.99, sum by (le, operation) "
                 f"(rate(tokenbooth_redis_duration_seconds_bucket[{RI}])))", "{{operation}}")], "s",
                "Round trip of admit, settle and seed scripts and pings, per operation."),
+            ts("Response cache errors per minute by operation", [(
+                f"sum by (operation) (rate(tokenbooth_cache_errors_total[{RI}])) * 60", "{{operation}}")], "short",
+               "Cache lookups (get) and stores (put) that failed or timed out (cache.timeout); a failed get is a "
+               "miss, never an error to the client.", stacked=True),
+            ts("Response cache lookup latency P99", [(
+                "histogram_quantile(0.99, sum by (le, backend) "
+                f"(rate(tokenbooth_cache_lookup_duration_seconds_bucket[{RI}])))", "{{backend}}")], "s",
+               "Round trip of a lookup in the cache's Redis."),
         ]),
         ("Targets", [
             ts("Scrape targets up", [('up{job=~"tokenbooth.*"}', "{{job}} {{instance}}")], "short",

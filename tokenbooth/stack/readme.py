@@ -85,7 +85,15 @@ def stack_readme(stack: StackConfig, alerts: AlertSet, profile: Profile, chat: S
         "",
         "runs `promtool check config`, `promtool check rules`, the rule unit tests (`promtool test rules`), "
         "`amtool check-config`, a PromQL check of every rule and dashboard query against the metric catalog, and "
-        "`docker compose config` when Docker is installed.",
+        "`docker compose config` when Docker is installed. Once it runs, next to the gateway:",
+        "",
+        "```sh",
+        "tokenbooth doctor --config tokenbooth.yaml --stack DIR",
+        "```",
+        "",
+        "asks Prometheus, the Pushgateway and Alertmanager for the failures that leave dashboards empty and alerts "
+        "silent (a target down, `honor_labels` missing, no rules loaded, no Alertmanager, stale groups, a route "
+        "to nowhere), and says what to do about each.",
         "",
         "## Thresholds",
         "",

@@ -23,7 +23,7 @@ from prometheus_client.utils import floatToGoString
 from tokenbooth.config import StackConfig
 from tokenbooth.stack.profile import Profile, format_duration
 
-__all__ = ["CLIENT_ERRORS", "DAY", "HOUR", "MINUTE", "SHORT", "SLO_WINDOWS", "RuleNames", "le_label",
+__all__ = ["CLIENT_ERRORS", "DAY", "HOUR", "LOOKED_UP", "MINUTE", "SHORT", "SLO_WINDOWS", "RuleNames", "le_label",
            "recording_groups"]
 
 MINUTE = 60
@@ -34,6 +34,7 @@ SHORT = 5 * MINUTE  # the window of the ratios and quantiles the alerts look at
 SLO_WINDOWS = (5 * MINUTE, 30 * MINUTE, HOUR, 2 * HOUR, 6 * HOUR, DAY, 3 * DAY)
 # Calls the caller got wrong are not the service failing: kept out of error ratios and SLOs.
 CLIENT_ERRORS = "bad_request|context_length"
+LOOKED_UP = "hit|miss|store_skipped"  # the cache results of calls looked up in the cache
 _PM = "provider, model"
 
 Rule = dict[str, Any]
@@ -98,6 +99,10 @@ class RuleNames:
     def tool_failed_ratio(self) -> str:
         """Share of a tool's calls ending in error or timeout."""
         return f"tool:tokenbooth_tool_calls_failed:ratio_rate{self.p.d(SHORT)}"
+
+    def cache_hit_ratio(self) -> str:
+        """Share of the calls looked up in the response cache that it answered, by job, over an hour."""
+        return f"job:tokenbooth_cache_hits:ratio_rate{self.p.d(HOUR)}"
 
 
 def _ratio(numerator: str, denominator: str, by: str = _PM) -> str:
@@ -164,6 +169,11 @@ def recording_groups(stack: StackConfig, profile: Profile) -> list[dict[str, Any
         {"record": n.tool_failed_ratio(), "expr": _ratio(
             f'sum by (tool) (rate(tokenbooth_tool_calls_total{{status=~"error|timeout"}}[{w}]))',
             n.tool_rate(), by="tool")},
+        # bypassed calls (samples, no-cache) were never candidates: the ratio is of the calls looked up
+        {"record": n.cache_hit_ratio(), "expr": _ratio(
+            f'sum by (job) (rate(tokenbooth_cache_requests_total{{result="hit"}}[{profile.d(HOUR)}]))',
+            f'sum by (job) (rate(tokenbooth_cache_requests_total{{result=~"{LOOKED_UP}"}}[{profile.d(HOUR)}]))',
+            by="job")},
     ]
     slow: list[Rule] = []
     for window in SLO_WINDOWS[2:]:

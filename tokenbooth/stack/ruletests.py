@@ -289,6 +289,23 @@ def _platform_cases(a: AlertSet, s: StackConfig) -> list[Case]:
     return cases
 
 
+def _cache_calls(t: Timeline, hit_share: float, per_minute: float, start: int = 0, end: int | None = None) -> None:
+    """Calls looked up in the response cache of GATEWAY, ``hit_share`` of them answered from it."""
+    t.add("tokenbooth_cache_requests_total", {**GATEWAY, "result": "hit"}, per_minute * hit_share, start, end)
+    t.add("tokenbooth_cache_requests_total", {**GATEWAY, "result": "miss"}, per_minute * (1 - hit_share), start, end)
+    t.add("tokenbooth_cache_requests_total", {**GATEWAY, "result": "bypass"}, per_minute, start, end)
+
+
+def _cache_cases(a: AlertSet) -> list[Case]:
+    t = Timeline(600)
+    _cache_calls(t, 0.7, 100, 0, 360)  # a day's usual (here: six hours; the average needs no more)
+    _cache_calls(t, 0.2, 100, 360, 480)  # a deploy breaks the reuse for two hours
+    _cache_calls(t, 0.7, 100, 480, 600)
+    name = "TokenboothCacheHitRateDrop"
+    return [Case(f"{name}: the hit rate falls from 70% to 20% for two hours", t)
+            .fault(name, 330, 450, 540, [Expect(a.by_name(name), {"job": GATEWAY["job"]}, 0.2)])]
+
+
 def _redis(t: Timeline, target: dict[str, str]) -> None:
     """A gateway with Redis configured and answering: its latency histogram has series (admit calls)."""
     for le in ("0.001", "+Inf"):
@@ -357,6 +374,7 @@ def _healthy(a: AlertSet, s: StackConfig, fx: Decimal) -> Case:
     t.budget("beta", "total", 50.0, 25.0 * w, target=GATEWAY)
     t.add("tokenbooth_rejected_requests_total", {**GATEWAY, "reason": "budget"}, 0)
     t.add("tokenbooth_rejected_requests_total", {**GATEWAY, "reason": "rate_limit"}, 5)
+    _cache_calls(t, 0.6, v)
     _redis(t, GATEWAY)
     _redis(t, REPLICA)
     every = _push_every(s)
@@ -380,10 +398,11 @@ def _no_traffic(a: AlertSet) -> Case:
     # Without Redis the gateway still exports tokenbooth_redis_up, at 0, and no Redis latency.
     t.set("tokenbooth_redis_up", GATEWAY, 0)
     t.add("tokenbooth_rejected_requests_total", {**GATEWAY, "reason": "budget"}, 0)
+    _cache_calls(t, 0.5, 0)
     case = Case("no traffic: every alert silent, no ratio or quantile (no NaN)", t)
     n = a.names
     for expr in (n.failed_ratio(), n.failed_ratio(3 * 86400), n.slow_ratio(), n.error_type_ratio(), n.latency(95),
-                 n.ttft(95), n.tool_failed_ratio()):
+                 n.ttft(95), n.tool_failed_ratio(), n.cache_hit_ratio()):
         case.exprs.append((120, expr, []))
     return _silent(case, a, (30, 120, 360))
 
@@ -413,7 +432,7 @@ def rule_tests(alerts: AlertSet, stack: StackConfig, fx: Decimal, rule_files: Se
     if alerts.names.p.scale != 1:
         raise ValueError("rule tests are written for the production profile")
     cases = [*_traffic_cases(alerts, stack), *_cost_cases(alerts, stack, fx), *_budget_cases(alerts, stack),
-             *_platform_cases(alerts, stack),
+             *_platform_cases(alerts, stack), *_cache_cases(alerts),
              *_slo_cases(alerts, stack), _healthy(alerts, stack, fx), _no_traffic(alerts)]
     if stack.min_requests > 1:
         cases.append(_trickle(alerts))

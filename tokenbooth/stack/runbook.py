@@ -71,7 +71,8 @@ Spending in the last 24 hours is above the daily budget.
 - Decide with the owners of the top keys or tenants whether to raise the budget or cut usage.""",
     "TokenboothMonthlyBudgetBurn": """\
 At the rate of the last 6 hours the month would end over budget.
-- `tokenbooth report --by month` shows month to date and the projection.
+- `tokenbooth report --by month` shows the month to date; the alert's value is the projection (the last 6
+  hours' rate over 30 days).
 - A temporary burst resolves itself as the 6-hour rate falls; a new steady rate needs a budget decision.""",
     "TokenboothBudgetNearlySpent": """\
 A tenant has spent most of one of its budgets (day, month or total) in the current window.
@@ -111,7 +112,7 @@ A batch job has not pushed its metrics for longer than expected.
     "TokenboothLedgerBehind": """\
 The gateway queues ledger rows faster than it writes them; the queue is held in memory.
 - *Gateway internals* → ledger queue depth and rows per second; the gateway's log shows failing writes.
-- A database that is slow or down: check it (`tokenbooth doctor`). A gateway at its limit: add workers
+- A database that is slow or down: check it (`tokenbooth doctor --config FILE`). A gateway at its limit: add workers
   (`--workers N`) or replicas; each process has its own writer.""",
     "TokenboothLedgerRowsFailed": """\
 Call rows were not written to the ledger database after retries: at shutdown they go to the spill file
@@ -135,6 +136,13 @@ Redis last answered. Settlements made meanwhile are replayed when Redis answers 
   0.25 s by default) counts as unreachable.
 - A long outage lets spend run past hard budgets by up to `outage_credit` × replicas: check `tokenbooth budgets`
   afterwards.""",
+    "TokenboothCacheHitRateDrop": """\
+The response cache answers far fewer of the calls looked up in it than it did over the last day: each miss is
+paid for upstream.
+- *Cost and tenants* → Response cache: hit rate and saved cost by job, requests by result.
+- A deploy that changed the requests (a timestamp, a request id or a random example in the prompt) makes every
+  key new: compare two ledger rows' requests. `bypass` rising means clients stopped pinning temperature or seed.
+- *Gateway internals* → cache errors: with Redis unreachable every call is a miss (TokenboothRedisUnreachable).""",
     "TokenboothAvailabilityBurnRate": """\
 Failures are spending the availability objective's error budget faster than it lasts. Critical: at this rate
 the month's budget is gone within days (page). Warning: it runs out before the month ends (ticket).

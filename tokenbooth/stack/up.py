@@ -3,12 +3,15 @@
 For machines without Docker: the Debian packages' binaries run on the stack's own files. The
 configuration names hosts as docker compose does (``tokenbooth:8080``, ``alertmanager:9093``),
 so the files are copied to ``DIR/.run/`` with those names replaced by local addresses, and each
-process keeps its data and log there. :meth:`LocalStack.stop` (or leaving the ``with`` block,
-or Ctrl-C in the CLI) ends all three: SIGTERM, then SIGKILL after a grace period.
+process keeps its data (Prometheus's TSDB, Alertmanager's silences, the Pushgateway's persistence
+file) and log there, never in the packages' shared /var/lib/prometheus. :meth:`LocalStack.stop`
+(or leaving the ``with`` block, or Ctrl-C in the CLI) ends all three: SIGTERM, then SIGKILL after
+a grace period.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import urllib.error
@@ -26,7 +29,24 @@ from tokenbooth.stack.prometheus import COMPOSE_TARGETS
 from tokenbooth.stack.tools import find_tool
 from tokenbooth.stack.yamlfile import dump_yaml
 
-__all__ = ["LocalStack", "Ports"]
+__all__ = ["LocalStack", "Ports", "stack_urls"]
+
+# Where docker compose publishes the stack on the host (the generated README says the same).
+_COMPOSE_URLS = {"gateway": "http://127.0.0.1:8080", "prometheus": "http://127.0.0.1:9090",
+                 "alertmanager": "http://127.0.0.1:9093", "pushgateway": "http://127.0.0.1:9091"}
+
+
+def stack_urls(directory: Path) -> dict[str, str]:
+    """The URLs of a stack directory's services: those of its running ``stack up`` (``.run/urls.json``),
+    else where docker compose publishes them."""
+    path = directory / ".run" / "urls.json"
+    if not directory.is_dir():
+        raise ConfigError(f"{directory} is not a directory: pass the one `tokenbooth stack init` wrote.")
+    try:
+        found: dict[str, str] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return dict(_COMPOSE_URLS)
+    return found
 
 
 @dataclass(frozen=True)
@@ -91,10 +111,9 @@ class LocalStack:
         am_path.write_text(dump_yaml(am, "Local copy for `tokenbooth stack up`; edit ../alertmanager.yml."))
         return prom_path, am_path
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the three processes and wait until each answers ``/-/ready``."""
-        prom_path, am_path = self.prepare()
-        commands = {
+    def commands(self, prom_path: Path, am_path: Path) -> dict[str, list[str]]:
+        """The command line of each process; every file each one writes is under ``DIR/.run/``."""
+        return {
             "prometheus": [find_tool("prometheus"), f"--config.file={prom_path}",
                            f"--storage.tsdb.path={self.run_dir / 'prometheus-data'}",
                            f"--web.listen-address=127.0.0.1:{self.ports.prometheus}", "--web.enable-lifecycle"],
@@ -102,8 +121,15 @@ class LocalStack:
                              f"--storage.path={self.run_dir / 'alertmanager-data'}",
                              f"--web.listen-address=127.0.0.1:{self.ports.alertmanager}",
                              "--cluster.listen-address="],  # one instance: no gossip port
-            "pushgateway": [find_tool("pushgateway"), f"--web.listen-address=127.0.0.1:{self.ports.pushgateway}"],
+            # Debian's default persistence file, /var/lib/prometheus/pushgateway.data, is shared by every
+            # Pushgateway on the machine: groups pushed elsewhere would show up here.
+            "pushgateway": [find_tool("pushgateway"), f"--web.listen-address=127.0.0.1:{self.ports.pushgateway}",
+                            f"--persistence.file={self.run_dir / 'pushgateway.data'}"],
         }
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the three processes and wait until each answers ``/-/ready``."""
+        commands = self.commands(*self.prepare())
         try:
             for name, cmd in commands.items():
                 log = (self.run_dir / f"{name}.log").open("wb")
@@ -114,6 +140,8 @@ class LocalStack:
             deadline = time.monotonic() + timeout
             for name in commands:
                 self._wait_ready(name, deadline)
+            urls = {name: self.url(name) for name in commands} | {"gateway": f"http://{self.gateway}"}
+            (self.run_dir / "urls.json").write_text(json.dumps(urls, indent=2) + "\n")  # for `tokenbooth doctor`
         except BaseException:
             self.stop()
             raise
@@ -140,6 +168,7 @@ class LocalStack:
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop every process: SIGTERM, then SIGKILL for any still running after ``grace`` seconds."""
+        (self.run_dir / "urls.json").unlink(missing_ok=True)
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()
