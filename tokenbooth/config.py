@@ -488,7 +488,7 @@ class RequestLimitsConfig(_Model):
     header_timeout: float = Field(15.0, gt=0, le=3600)
     body_timeout: float = Field(30.0, gt=0, le=3600)
     keep_alive_timeout: int = Field(30, ge=1, le=3600)  # seconds an idle kept-alive connection stays open
-    # open connections per process; past it only /healthz, /readyz and /metrics are served (on a few more).
+    # open connections per process; past it only /healthz and /metrics are served (on a few more).
     # None: half the process's file descriptors (RLIMIT_NOFILE) less 64, at most 10,000
     max_connections: int | None = Field(None, ge=1)
 

@@ -44,7 +44,7 @@ __all__ = ["PROBE_PATHS", "PROBE_RESERVE", "ConnectionLimits", "GatewayProtocol"
 
 log = logging.getLogger("tokenbooth.gateway")
 
-PROBE_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics"})
+PROBE_PATHS = frozenset({b"/healthz", b"/metrics"})
 PROBE_RESERVE = 32  # connections past max_connections, for the probes
 CAP_LOG_INTERVAL = 60.0  # seconds between two messages saying the cap is reached
 
@@ -103,7 +103,7 @@ class ConnectionLimits:
             return
         self._logged_at = now
         log.warning("%d connections are open, the most this process keeps (limits.max_connections=%d): %d more "
-                    "may ask only for /healthz, /readyz and /metrics, further ones are closed as they are accepted "
+                    "may ask only for /healthz and /metrics, further ones are closed as they are accepted "
                     "(%d since the last message). If this is load, raise `ulimit -n` or limits.max_connections; "
                     "said at most once a minute.", open_now, self.max_connections, PROBE_RESERVE,
                     self._closed_since_log)
