@@ -18,6 +18,7 @@ from tests.conftest import GatewayHandle, SimHandle, track
 from tests.gateway.test_control import Keyed
 from tokenbooth.cache.entry import Entry, split_events
 from tokenbooth.gateway.caching import ResponseCache
+from tokenbooth.pricing import plain
 from tokenbooth.record import TokenUsage
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "What is 2+2?"}], "temperature": 0,
@@ -272,3 +273,21 @@ def test_a_redis_backend_without_redis_url_fails_at_start_naming_the_keys() -> N
     settings = load_settings(overrides={"cache": {"enabled": True, "backend": "redis"}}, environ={})
     with pytest.raises(ConfigError, match=r"cache.backend is 'redis' but redis.url is not set"):
         build_cache(settings, Metrics(CollectorRegistry()))
+
+
+def test_the_report_shows_cache_hits_and_the_cost_they_saved(cached: GatewayHandle) -> None:
+    from tokenbooth.ledger.report import render, report
+    from tokenbooth.ledger.schema import connect
+
+    for _ in range(3):
+        assert _post(cached).status_code == 200
+    miss = cached.rows()[0]
+    engine = connect(cached.settings.ledger.url, create=False)
+    try:
+        (row,) = report(engine, "model")
+    finally:
+        engine.dispose()
+    assert (row.requests, row.cache_hits, row.saved_usd, row.cost_usd) == (3, 2, 2 * miss.cost_usd, miss.cost_usd)
+    assert orjson.loads(render([row], "json", "model"))[0]["saved_usd"] == plain(2 * miss.cost_usd)
+    table = render([row], "table", "model")
+    assert "cache hits" in table and "saved USD" in table and f"{2 * miss.cost_usd:,.6f}" in table

@@ -40,6 +40,8 @@ class ReportRow:
     reasoning_tokens: int
     cost_usd: Decimal | None
     unpriced: int
+    cache_hits: int = 0  # calls answered by the response cache (their cost is 0)
+    saved_usd: Decimal = Decimal(0)  # what those hits' answers would have cost
 
 
 def _group_expr(engine: Engine, by: str) -> ColumnElement[Any]:
@@ -72,6 +74,8 @@ def report(engine: Engine, by: str = "model", since: dt.date | None = None,
         func.sum(calls.c.reasoning_tokens).label("reasoning_tokens"),
         func.sum(calls.c.cost_usd).label("cost_usd"),
         func.sum(case((calls.c.cost_usd.is_(None) & has_tokens, 1), else_=0)).label("unpriced"),
+        func.sum(case((calls.c.cache == "hit", 1), else_=0)).label("cache_hits"),
+        func.sum(calls.c.saved_cost_usd).label("saved_usd"),
     ).group_by(key).order_by(key)
     if since is not None:
         stmt = stmt.where(calls.c.started_at >= dt.datetime.combine(since, dt.time()))
@@ -91,6 +95,8 @@ def report(engine: Engine, by: str = "model", since: dt.date | None = None,
             reasoning_tokens=int(r.reasoning_tokens or 0),
             cost_usd=Decimal(r.cost_usd) if r.cost_usd is not None else None if r.unpriced else Decimal(0),
             unpriced=int(r.unpriced or 0),
+            cache_hits=int(r.cache_hits or 0),
+            saved_usd=Decimal(r.saved_usd) if r.saved_usd is not None else Decimal(0),
         )
         for r in rows
     ]
@@ -123,7 +129,8 @@ def _total(rows: list[ReportRow]) -> ReportRow:
 
     return ReportRow("TOTAL", added("requests"), added("errors"), added("input_tokens"), added("output_tokens"),
                      added("cached_input_tokens"), added("cache_write_tokens"), added("reasoning_tokens"),
-                     sum(costs, start=Decimal(0)) if costs else None, added("unpriced"))
+                     sum(costs, start=Decimal(0)) if costs else None, added("unpriced"), added("cache_hits"),
+                     sum((r.saved_usd for r in rows), start=Decimal(0)))
 
 
 def _cost(r: ReportRow) -> str | None:
@@ -148,14 +155,15 @@ def _csv_cell(text: str) -> str:
 def render(rows: list[ReportRow], fmt: str, by: str) -> str:
     """Render rows as ``table`` (with a total), ``csv`` or ``json`` (exact decimal strings)."""
     if fmt == "json":
-        return orjson.dumps([{**asdict(r), "cost_usd": _cost(r)} for r in rows],
+        return orjson.dumps([{**asdict(r), "cost_usd": _cost(r), "saved_usd": plain(r.saved_usd)} for r in rows],
                             option=orjson.OPT_INDENT_2).decode() + "\n"
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow([by, *list(asdict(rows[0]))[1:]] if rows else [by])
         for r in rows:
-            writer.writerow([_csv_cell(r.group), *(_cost(r) or "" if k == "cost_usd" else str(v)
+            writer.writerow([_csv_cell(r.group), *(_cost(r) or "" if k == "cost_usd" else
+                                                   plain(v) if k == "saved_usd" else str(v)
                                                    for k, v in list(asdict(r).items())[1:])])
         return out.getvalue()
     if fmt != "table":
@@ -165,13 +173,16 @@ def render(rows: list[ReportRow], fmt: str, by: str) -> str:
     from rich.table import Table
 
     table = Table(title=f"tokenbooth usage by {by}", show_footer=False)
-    for name in (by, "requests", "errors", "input", "output", "cached in", "reasoning", "cost USD", "unpriced"):
+    hits = any(r.cache_hits for r in rows)  # the cache's columns, once it answered a call
+    for name in (by, "requests", "errors", "input", "output", "cached in", "reasoning", "cost USD", "unpriced",
+                 *(("cache hits", "saved USD") if hits else ())):
         table.add_column(name, justify="left" if name == by else "right")
     shown = [*rows, _total(rows)] if rows else []
     for r in shown:
         table.add_row(escape(_printable(r.group)), f"{r.requests:,}", f"{r.errors:,}", f"{r.input_tokens:,}",
                       f"{r.output_tokens:,}", f"{r.cached_input_tokens:,}", f"{r.reasoning_tokens:,}",
                       f"{r.cost_usd:,.6f}" if r.cost_usd is not None else "unpriced", f"{r.unpriced:,}",
+                      *((f"{r.cache_hits:,}", f"{r.saved_usd:,.6f}") if hits else ()),
                       end_section=r is rows[-1])
     buf = io.StringIO()
     Console(file=buf, width=140, force_terminal=False, color_system=None).print(
