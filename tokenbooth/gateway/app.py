@@ -40,7 +40,7 @@ from tokenbooth.gateway.connections import ConnectionLimits
 from tokenbooth.gateway.notify import PATH_PREFIX as WEBHOOK_PREFIX
 from tokenbooth.gateway.notify import Notifier
 from tokenbooth.gateway.passthrough import Passthrough
-from tokenbooth.gateway.proxy import ENDPOINTS, Proxy, Receive, Send
+from tokenbooth.gateway.proxy import ENDPOINTS, ClientGone, Proxy, Receive, Send, body_chunks
 from tokenbooth.gateway.upstreams import Router
 from tokenbooth.ledger.journal import Journal
 from tokenbooth.ledger.schema import connect
@@ -178,7 +178,7 @@ class Gateway:
                 raise NotFound(f"Unknown request URL: {method} {path}.")
         except TokenboothError as exc:
             await self._render_error(send, exc, request_id, anthropic=path.startswith("/v1/messages"))
-        except _ClientGone:
+        except ClientGone:
             pass  # nothing went upstream, nothing to answer or to record
 
     def _check_admin(self, headers: dict[bytes, bytes]) -> None:
@@ -255,10 +255,6 @@ def _tune_interpreter() -> None:
     gc.freeze()
 
 
-class _ClientGone(Exception):
-    """The client hung up, or was cut off (``limits.body_timeout``), before its body was whole."""
-
-
 async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to pass ``limit`` bytes: by its
     Content-Length before a byte is read, or as it arrives."""
@@ -267,24 +263,14 @@ async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) 
         raise RequestTooLarge(limit)
     message = await receive()
     if message["type"] == "http.disconnect":
-        raise _ClientGone
+        raise ClientGone
     body: bytes = message.get("body", b"")
-    if not message.get("more_body"):
+    if not message.get("more_body"):  # the usual case: the whole body in one message
         if len(body) > limit:
             raise RequestTooLarge(limit)
         return body
-    parts = [body]
-    size = len(body)
-    while message.get("more_body"):
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(limit)
-        parts.append(chunk)
-    return b"".join(parts)
+    rest = [chunk async for chunk in body_chunks(receive, limit - len(body), RequestTooLarge(limit))]
+    return b"".join([body, *rest])
 
 
 async def _respond(send: Send, status: int, body: bytes, content_type: bytes) -> None:

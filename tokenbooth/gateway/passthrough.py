@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -45,7 +45,7 @@ from tokenbooth.errors import (
     UpstreamError,
     classify_status,
 )
-from tokenbooth.gateway.proxy import HangupWatch, Proxy, Receive, Send
+from tokenbooth.gateway.proxy import ClientGone, HangupWatch, Proxy, Receive, Send, body_chunks
 from tokenbooth.record import NO_USAGE, Operation, Outcome, TokenUsage
 from tokenbooth.streams import ResponsesStream
 from tokenbooth.tokens import usage_from_openai, usage_from_responses
@@ -82,10 +82,6 @@ _DROP_RESPONSE = frozenset({b"connection", b"keep-alive", b"transfer-encoding", 
 _DROP_REQUEST = frozenset({b"content-type", b"accept-encoding"})
 
 
-class _ClientGone(Exception):
-    """The client hung up while sending its body."""
-
-
 def family(path: str) -> Operation:
     """The ``operation`` of a passed-through path: its family, or ``other``.
 
@@ -95,26 +91,10 @@ def family(path: str) -> Operation:
     return _FAMILIES.get(path[4:].split("/", 1)[0], Operation.OTHER)
 
 
-async def _body_chunks(receive: Receive, limit: int, too_large: Exception) -> AsyncIterator[bytes]:
-    """The request body as it arrives; ``too_large`` is raised once it passes ``limit`` bytes."""
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        yield chunk
-        if not message.get("more_body"):
-            return
-
-
 async def _read_json(receive: Receive, limit: int) -> bytes:
     too_large = InvalidRequest(f"The JSON body is larger than this gateway reads ({limit} bytes; "
                                "passthrough.max_json_body).")
-    return b"".join([chunk async for chunk in _body_chunks(receive, limit, too_large)])
+    return b"".join([chunk async for chunk in body_chunks(receive, limit, too_large)])
 
 
 class Passthrough:
@@ -159,7 +139,7 @@ class Passthrough:
                 and (length or 0) <= self.config.max_json_body:
             try:
                 body = await _read_json(receive, self.config.max_json_body)
-            except _ClientGone:
+            except ClientGone:
                 return  # gone before its call was made: nothing went upstream, nothing to record
             length = len(body)
             try:
@@ -168,7 +148,7 @@ class Passthrough:
             except (orjson.JSONDecodeError, AttributeError):
                 pass  # forwarded as it is: the upstream says what is wrong with it
         elif has_body:
-            stream = _body_chunks(receive, self.max_upload, RequestTooLarge(self.max_upload, "upload"))
+            stream = body_chunks(receive, self.max_upload, RequestTooLarge(self.max_upload, "upload"))
         up = self._upstream(model)
         proxy = self.proxy
         ticket: Ticket | None = None
@@ -201,7 +181,7 @@ class Passthrough:
             call.error_type = exc.error_type
             call.status = exc.status_code
             raise
-        except (_ClientGone, asyncio.CancelledError) as exc:
+        except (ClientGone, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError) and (watch is None or not watch.take()):
                 raise
             # the client hung up (during its upload, or before the answer was whole): the

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -104,6 +104,27 @@ def _max_output(payload: dict[str, Any], default: int) -> int:
             break
     n = payload.get("n")
     return limit * (n if type(n) is int and 1 < n <= 128 else 1)
+
+
+class ClientGone(Exception):
+    """The client hung up, or was cut off (``limits.body_timeout``), before its body was whole."""
+
+
+async def body_chunks(receive: Receive, limit: int, too_large: Exception) -> AsyncIterator[bytes]:
+    """The request body as it arrives; ``too_large`` is raised once it passes ``limit`` bytes,
+    :class:`ClientGone` if the client goes first."""
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        yield chunk
+        if not message.get("more_body"):
+            return
 
 
 class HangupWatch:
