@@ -258,11 +258,16 @@ class Controller:
         except StoreUnavailable as exc:
             self._went_down(exc, now)
             raise
+        self._saw(checks, amounts, admission)
+        return admission
+
+    def _saw(self, checks: tuple[Check, ...], amounts: tuple[int, ...], admission: Admission) -> None:
+        """Keep what Redis answered an admission: each budget's spent and reserved before the
+        call (what an outage may lend from), and each check's room (for fast admission)."""
         for i, c in enumerate(checks):
             if c.kind == "budget" and admission.used:
                 self._last_used[c.key] = admission.used[i] - (amounts[i] if admission.refused is None else 0)
         self._view(checks, admission)
-        return admission
 
     # -- fast admission ---------------------------------------------------------------------
     def _fast(self, checks: tuple[Check, ...], amounts: tuple[int, ...]) -> tuple[RateState, ...] | None:
@@ -277,19 +282,14 @@ class Controller:
             if c.kind == "concurrency" or view is None or t - view[0] > FAST_VIEW_AGE or \
                     view[1] - amount < max(FAST_ROOM_CALLS * amount, FAST_ROOM_SHARE * c.limit):
                 return None
-        best: dict[str, RateState] = {}
+        left = []
         for c, amount in zip(checks, amounts, strict=True):
             view = views.get(c.key)
-            if view is None:
-                continue
-            left = view[1] - amount
-            views[c.key] = (view[0], left)
-            if c.kind == "rate":
-                state = RateState(c.name, c.limit, int(left), (c.limit - left) / c.per_second)
-                held = best.get(c.name)
-                if held is None or state.remaining / state.limit < held.remaining / held.limit:
-                    best[c.name] = state
-        return tuple(best.values())
+            room = view[1] - amount if view is not None else 0.0
+            if view is not None:
+                views[c.key] = (view[0], room)
+            left.append(room)  # for a bucket, the tokens it has left: what Redis answers as "used"
+        return self._rates(checks, Admission(used=tuple(left)))
 
     def _view(self, checks: tuple[Check, ...], admission: Admission) -> None:
         """Remember the room Redis said each check has left, for fast admission."""
@@ -314,10 +314,7 @@ class Controller:
         reservations are dropped, so settlement counts what it used, and it is logged."""
         checks = ticket.checks
         if admission is not None and admission.admitted:
-            for i, c in enumerate(checks):
-                if c.kind == "budget" and admission.used:
-                    self._last_used[c.key] = admission.used[i]
-            self._view(checks, admission)
+            self._saw(checks, ticket.amounts, admission)
             self._observe_budgets(checks, admission)
             return
         for c in checks:
