@@ -66,8 +66,9 @@ _FAMILIES = {
     "assistants": Operation.ASSISTANTS,
     "threads": Operation.ASSISTANTS,
 }
-# what costs nothing: moderations, and (but compact) the reads, deletions and token counts of
-# stored responses
+# what costs nothing but what its answer charges (see Passthrough._usage): moderations; the reads,
+# deletions and token counts of stored responses (compact is a generation of its own); a batch's
+# create and reads (the first read that sees it finished charges it)
 _FREE = frozenset({Operation.MODERATIONS, Operation.RESPONSES, Operation.BATCHES})
 _COMPACT = "/v1/responses/compact"  # Codex's compaction: a generation of its own, priced by its usage
 _TERMINAL = ("completed", "incomplete", "failed", "cancelled")
